@@ -1,0 +1,276 @@
+"""What a forked child does, from the moment ``fork()`` returns 0 to ``os._exit``.
+
+The child runs exactly one call (or one chunk of calls) and never returns into parent code:
+
+1. Leave the parent's process group (so a timeout can kill the child and its grandchildren with one
+   ``killpg``, and a terminal's Ctrl-C reaches only the parent, which then kills us).
+2. Ask for SIGKILL when the forking thread dies (``PR_SET_PDEATHSIG``), then re-check the parent
+   pid, since the parent may have died before the request took effect.
+3. Close the parent's descriptors for other children's channels, so that no sibling holds them.
+4. Reseed numpy's legacy global random state (stdlib ``random`` reseeds itself at fork).
+5. Point faulthandler at the result pipe: a fatal signal leaves its Python stack there, for the
+   parent's :class:`~dask_forkmap.ChildCrashed`.
+6. Apply the memory limit, then run the task with warnings recorded for the parent to re-emit.
+7. Serialize the outcome, flush stdout/stderr (the task's prints are not lost), write the frame,
+   and ``os._exit``: no atexit handler, finalizer or buffered write of the parent runs twice.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import pickle
+import struct
+import sys
+import traceback
+import types
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any, NoReturn, cast
+
+from . import _transport
+from ._errors import ForkMapError, MemoryLimitExceeded, ResultPicklingError, TaskInterrupted
+
+KIND_VALUE = 0  # payload: (value, warnings)
+KIND_RAISED = 1  # payload: (type name, message, traceback text, pickled exception or None, warnings)
+KIND_ERROR = 2  # payload: (ForkMapError, warnings)
+
+# Exit codes of a child that could not even report (the parent maps them to ChildCrashed).
+EXIT_OK = 0
+EXIT_PARENT_GONE = 74
+EXIT_INTERNAL = 75
+
+_PR_SET_PDEATHSIG = 1
+
+try:  # Resolve prctl once, in the parent: the child then pays only for the call.
+    import ctypes
+
+    _prctl: Callable[..., int] | None = (
+        ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+    )
+except (ImportError, OSError, AttributeError):  # pragma: no cover - no ctypes, or no prctl
+    _prctl = None
+
+
+def main(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    wfd: int,
+    shm_fd: int,
+    close_fds: Iterable[int],
+    memory_limit: int | None,
+    parent_pid: int,
+) -> NoReturn:
+    """Run ``fn(*args, **kwargs)`` in this freshly forked child and report to the parent."""
+    code = EXIT_INTERNAL
+    try:
+        _become_independent(parent_pid, close_fds)
+        faulthandler.enable(file=wfd, all_threads=False)
+        kind, payload = _run(fn, args, kwargs, memory_limit)
+        parts = _encode(kind, payload, shm_fd)
+        _flush_stdio()
+        _transport.write_all(wfd, parts)
+        code = EXIT_OK
+    except BrokenPipeError:
+        code = EXIT_PARENT_GONE
+    finally:
+        os._exit(code)
+
+
+def _become_independent(parent_pid: int, close_fds: Iterable[int]) -> None:
+    try:
+        os.setpgid(0, 0)
+    except OSError:  # pragma: no cover - the parent already did it
+        pass
+    if _prctl is not None:
+        import signal
+
+        _prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent_pid:
+            os._exit(EXIT_PARENT_GONE)
+    for fd in close_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    np_random = sys.modules.get("numpy.random")
+    if np_random is not None:
+        # Only if numpy.random is already loaded: importing it costs more than the whole fork. Seeding
+        # from 128 fresh bits is ~15x cheaper than seed(), which hashes entropy through SeedSequence.
+        np_random.seed(struct.unpack("4I", os.urandom(16)))
+
+
+def _run(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], memory_limit: int | None
+) -> tuple[int, Any]:
+    if memory_limit is not None:
+        _limit_memory(memory_limit)
+    with warnings.catch_warnings(record=True) as log:
+        _record_all_warnings()
+        try:
+            value = fn(*args, **kwargs)
+        except MemoryError as exc:
+            if memory_limit is None:
+                return KIND_RAISED, _describe(exc, log)
+            err: ForkMapError = MemoryLimitExceeded(
+                f"the task needed more than its memory limit of {memory_limit} bytes "
+                f"({type(exc).__name__}: {exc}); raise the limit or make the task use less",
+                pid=os.getpid(),
+                limit=memory_limit,
+                child_traceback=_format(exc),
+            )
+            return KIND_ERROR, (err, _warnings(log))
+        except (KeyboardInterrupt, SystemExit) as exc:
+            code = exc.code if isinstance(exc, SystemExit) else None
+            what = f"SystemExit({code!r})" if isinstance(exc, SystemExit) else "KeyboardInterrupt"
+            err = TaskInterrupted(
+                f"the task raised {what}; it ended the child, not this process",
+                exc_type=type(exc).__name__,
+                code=code,
+                child_traceback=_format(exc),
+            )
+            return KIND_ERROR, (err, _warnings(log))
+        except BaseException as exc:
+            return KIND_RAISED, _describe(exc, log)
+        return KIND_VALUE, (value, _warnings(log))
+
+
+def _encode(kind: int, payload: Any, shm_fd: int) -> list[Any]:
+    try:
+        stream, buffers = _transport.dumps(payload)
+    except Exception as exc:
+        if kind != KIND_VALUE:
+            raise
+        value, warns = payload
+        type_name = _qualname(type(value))
+        err = ResultPicklingError(
+            f"the task's result of type {type_name} cannot be pickled, so it cannot leave the child "
+            f"({type(exc).__name__}: {exc}); return something picklable, for example plain data",
+            type_name=type_name,
+            reason=f"{type(exc).__name__}: {exc}",
+        )
+        kind = KIND_ERROR
+        stream, buffers = _transport.dumps((err, warns))
+    return _transport.encode(kind, stream, buffers, shm_fd)
+
+
+def _describe(exc: BaseException, log: list[warnings.WarningMessage]) -> tuple[Any, ...]:
+    """The task's exception, pickled only if the parent will be able to unpickle it."""
+    blob: bytes | None
+    try:
+        stream, buffers = _transport.dumps(exc)
+        blob = stream if not buffers else None
+        if blob is not None:
+            # Exceptions whose __init__ takes other arguments than args pickle fine but fail here.
+            pickle.loads(blob)
+    except Exception:
+        blob = None
+    try:
+        message = str(exc)
+    except Exception as err:  # pragma: no cover - a broken __str__
+        message = f"<str() failed: {err!r}>"
+    return (_qualname(type(exc)), message, _format(exc), blob, _warnings(log))
+
+
+def _format(exc: BaseException) -> str:
+    tb = exc.__traceback__
+    # The first frame is _run's own; the report starts at the task.
+    if tb is not None and tb.tb_frame.f_code is _run.__code__:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def _qualname(cls: type) -> str:
+    module = getattr(cls, "__module__", None)
+    name = getattr(cls, "__qualname__", cls.__name__)
+    return name if module in (None, "builtins") else f"{module}.{name}"
+
+
+def _record_all_warnings() -> None:
+    """Keep the parent's filters, but record every warning that would be shown.
+
+    "error" and "ignore" filters act here as they would in process. Actions that show a warning only
+    once (default, once, module) become "always": the parent re-emits each record through its own
+    filters and registries, which remember what was already shown across all children.
+    """
+    once = {"default", "once", "module"}
+    filters = cast("list[Any]", warnings.filters)
+    filters[:] = [("always", *f[1:]) if f[0] in once else f for f in filters]
+    mutated = getattr(warnings, "_filters_mutated", None) or getattr(warnings, "_filters_mutated_lock_held", None)
+    if mutated is not None:
+        mutated()
+
+
+def _warnings(log: list[warnings.WarningMessage]) -> list[tuple[Any, ...]]:
+    records = [(w.message, w.category, w.filename, w.lineno) for w in log]
+    if records:
+        try:
+            pickle.dumps(records, protocol=5)
+        except Exception:
+            records = [(str(m), c if _picklable(c) else UserWarning, f, n) for m, c, f, n in records]
+    return records
+
+
+def _picklable(obj: Any) -> bool:
+    try:
+        pickle.dumps(obj)
+    except Exception:
+        return False
+    return True
+
+
+def _limit_memory(limit: int) -> None:
+    import resource
+
+    # RLIMIT_AS counts every mapping, including those inherited copy-on-write from the parent: the
+    # limit is what the task may add on top of the address space it starts with.
+    current = _address_space_size()
+    cap = current + limit
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+
+def _address_space_size() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            pages = int(f.read().split()[0])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # pragma: no cover - no procfs
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _flush_stdio() -> None:
+    seen = set()
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        if stream is None or id(stream) in seen:
+            continue
+        seen.add(id(stream))
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
+
+# Helpers for the parent, kept here so the record format lives in one module.
+
+
+def reemit_warnings(records: list[tuple[Any, ...]]) -> None:
+    """Re-emit warnings recorded in a child through the parent's filters and registries."""
+    modules: dict[str, tuple[str | None, dict[Any, Any] | None]] = {}
+    for message, category, filename, lineno in records:
+        if filename not in modules:
+            modules[filename] = _module_of(filename)
+        module, registry = modules[filename]
+        warnings.warn_explicit(message, category, filename, lineno, module=module, registry=registry)
+
+
+def _module_of(filename: str) -> tuple[str | None, dict[Any, Any] | None]:
+    # warn() in process would use the warning site's module name and __warningregistry__; recover
+    # them from the file name so "module" filters and once-per-location display behave the same.
+    for name, mod in list(sys.modules.items()):
+        if isinstance(mod, types.ModuleType) and getattr(mod, "__file__", None) == filename:
+            return name, mod.__dict__.setdefault("__warningregistry__", {})
+    return None, None

@@ -1,0 +1,557 @@
+"""Forking one child per call, collecting its result, and reaping it.
+
+Data flow of one call::
+
+    caller thread                           child (pid, own process group)
+    -------------                           ------------------------------
+    spawn():  under _fork_lock
+      pipe(), memfd_create()
+      flush stdout/stderr
+      fork() ----------------------------->  _child.main(): run fn, write one frame, os._exit
+      close the pipe's write end
+      setpgid(pid, pid), pidfd_open(pid)
+    Child.collect():
+      poll(pipe, pidfd[, wake])
+        frame complete  -> hand pid to the reaper, unpickle, return / raise
+        pidfd readable, no frame -> killpg, waitpid  -> ChildCrashed
+        deadline passed -> killpg, waitpid          -> TaskTimeoutError
+    _Reaper thread (one per process):
+      poll(pidfds) -> killpg(pid) (grandchildren), waitpid(pid)
+
+Why it is shaped this way:
+
+* ``_fork_lock`` covers everything from creating a child's pipe to closing the parent's copy of its
+  write end, so no other child can inherit that write end. A crashed child is still detected through
+  its pidfd, not EOF, because the task may have forked grandchildren that hold the pipe.
+* The caller gets the result as soon as the frame is complete; the child's address-space teardown
+  (tens of ms for a big parent) and ``waitpid`` happen on the reaper thread. Only our own pids are
+  ever waited for (never ``waitpid(-1)``), so ``subprocess`` and ``multiprocessing`` keep their
+  children's exit statuses.
+* ``killpg`` is only sent while the child is unreaped, so its pid (and thus its process group id)
+  cannot have been reused by an unrelated process.
+* Descriptors the parent holds for in-flight children are registered in ``_parent_fds`` and closed
+  in each new child; registration and closing both happen under ``_fork_lock``, so the child never
+  closes a number the user has since reused for a file of their own.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any, NoReturn, ParamSpec, TypeVar
+
+from . import _child, _transport
+from ._errors import (
+    ChildCrashed,
+    ChildTraceback,
+    ForkFailed,
+    ForkUnavailable,
+    ResultUnpicklingError,
+    TaskError,
+    TaskTimeoutError,
+)
+from ._limits import Limits, split
+
+__all__ = ["Child", "fork_map", "spawn"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+HAS_FORK = hasattr(os, "fork")
+_HAS_PIDFD = hasattr(os, "pidfd_open")
+_HAS_MEMFD = hasattr(os, "memfd_create")
+# Without pidfds (macOS, Linux < 5.3) a child's death is noticed by polling at this interval.
+_EXIT_POLL_S = 0.01
+
+_fork_lock = threading.Lock()
+_parent_fds: set[int] = set()
+
+
+def _check_platform() -> None:
+    if not HAS_FORK:
+        raise ForkUnavailable(
+            f"dask_forkmap needs os.fork(), which {sys.platform} does not have; it runs on Linux and "
+            "other POSIX systems. Use dask's 'threads' or 'processes' scheduler here instead."
+        )
+
+
+# CPython 3.12+ warns (DeprecationWarning) on every fork() in a multi-threaded process. A Dask worker
+# is always multi-threaded and forks once per task, so the warning would repeat for every task, and
+# it says nothing we do not already act on: we fork from threads that hold none of our locks, the
+# child runs only the task and then os._exit, and the docs list what a task must not rely on. The
+# filter below matches only fork() calls made from this module; forks by user code and by
+# multiprocessing still warn. It is re-inserted if something (pytest does, per test) puts a broader
+# filter in front of it.
+_FORK_WARNING = (
+    r"This process \(pid=\d+\) is multi-threaded, use of fork\(\) may lead to deadlocks",
+    r"dask_forkmap\._core\Z",
+)
+_fork_filter: Any = None
+
+
+def _quiet_fork_warning() -> None:
+    global _fork_filter
+    if warnings.filters and warnings.filters[0] is _fork_filter:
+        return
+    warnings.filterwarnings("ignore", message=_FORK_WARNING[0], category=DeprecationWarning, module=_FORK_WARNING[1])
+    _fork_filter = warnings.filters[0]
+
+
+def _flush_stdio() -> None:
+    # A parent's pending output would otherwise be written again by the child's final flush.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:
+            pass
+
+
+def _close_ours(*fds: int) -> None:
+    with _fork_lock:
+        for fd in fds:
+            if fd >= 0:
+                _parent_fds.discard(fd)
+                os.close(fd)
+
+
+def _describe_task(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def spawn(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    limits: Limits,
+    task: str | None = None,
+) -> Child:
+    """Fork a child running ``fn(*args, **kwargs)`` under ``limits`` (overridden by ``with_limits``)."""
+    _check_platform()
+    fn, own = split(fn)
+    limits = own.over(limits)
+    if sys.version_info >= (3, 12):
+        _quiet_fork_warning()
+    with _fork_lock:
+        rfd, wfd = os.pipe()
+        shm_fd = -1
+        try:
+            if _HAS_MEMFD:
+                shm_fd = os.memfd_create("dask-forkmap-result", os.MFD_CLOEXEC)
+            close_in_child = tuple(_parent_fds)
+            parent_pid = os.getpid()
+            _flush_stdio()
+            started = time.monotonic()
+            pid = os.fork()
+        except OSError as exc:
+            for fd in (rfd, wfd, shm_fd):
+                if fd >= 0:
+                    os.close(fd)
+            raise ForkFailed(
+                exc.errno,
+                f"could not fork a child for {task or _describe_task(fn)}: {exc.strerror}. The system is out "
+                "of memory or process slots; lower max_workers/num_workers, or check vm.overcommit_memory "
+                "and `ulimit -u`",
+            ) from exc
+        if pid == 0:  # pragma: no cover - runs in the child, which reports through the pipe
+            try:
+                os.close(rfd)
+                _child.main(
+                    fn,
+                    args,
+                    kwargs,
+                    wfd=wfd,
+                    shm_fd=shm_fd,
+                    close_fds=close_in_child,
+                    memory_limit=limits.memory_limit,
+                    parent_pid=parent_pid,
+                )
+            finally:
+                os._exit(_child.EXIT_INTERNAL)
+        os.close(wfd)
+        try:
+            # Also done by the child; doing it here too closes the race where we killpg first.
+            os.setpgid(pid, pid)
+        except OSError:
+            pass
+        pidfd = -1
+        if _HAS_PIDFD:
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:  # kernel without pidfd support: fall back to polling
+                pidfd = -1
+        _parent_fds.update(fd for fd in (rfd, shm_fd, pidfd) if fd >= 0)
+    os.set_blocking(rfd, False)
+    deadline = started + limits.timeout if limits.timeout is not None else None
+    return Child(pid, rfd, shm_fd, pidfd, limits, deadline, task or _describe_task(fn))
+
+
+class Woken(Exception):
+    """Internal: ``Child.collect`` was interrupted through its wake descriptor."""
+
+
+class Child:
+    """The parent's handle on one forked child; owned by one thread at a time."""
+
+    __slots__ = ("_done", "deadline", "limits", "pid", "pidfd", "rfd", "shm_fd", "task")
+
+    def __init__(
+        self, pid: int, rfd: int, shm_fd: int, pidfd: int, limits: Limits, deadline: float | None, task: str
+    ) -> None:
+        self.pid = pid
+        self.rfd = rfd
+        self.shm_fd = shm_fd
+        self.pidfd = pidfd
+        self.limits = limits
+        self.deadline = deadline
+        self.task = task
+        self._done = False
+
+    def collect(self, wake_fd: int = -1) -> Any:
+        """Wait for the child's outcome; return the task's value or raise its error.
+
+        If ``wake_fd`` becomes readable first, raise :class:`Woken` with the child still running; the
+        owner then decides (``kill``, or ``collect`` again). Any other exception while waiting
+        (``KeyboardInterrupt``) kills and reaps the child before it propagates.
+        """
+        try:
+            reader = self._wait(wake_fd)
+        except Woken:
+            raise
+        except BaseException:
+            self.kill()
+            raise
+        return self._finish(reader)
+
+    def _wait(self, wake_fd: int) -> _transport.FrameReader:
+        poller = select.poll()
+        poller.register(self.rfd, select.POLLIN)
+        if self.pidfd >= 0:
+            poller.register(self.pidfd, select.POLLIN)
+        if wake_fd >= 0:
+            poller.register(wake_fd, select.POLLIN)
+        reader = _transport.FrameReader()
+        pipe_open = True
+        exited = False
+        while True:
+            timeout_ms: float | None = None
+            if self.deadline is not None:
+                timeout_ms = max(0.0, (self.deadline - time.monotonic()) * 1000)
+            if self.pidfd < 0:
+                timeout_ms = min(timeout_ms, _EXIT_POLL_S * 1000) if timeout_ms is not None else _EXIT_POLL_S * 1000
+            events = poller.poll(None if timeout_ms is None else int(timeout_ms + 0.999))
+            for fd, _ in events:
+                if fd == self.rfd:
+                    if not reader.read_from(fd):
+                        # EOF: the child closed its end (exited, or the task closed it). Its exit
+                        # status, through the pidfd, decides what happened.
+                        poller.unregister(fd)
+                        pipe_open = False
+                elif fd == self.pidfd:
+                    exited = True
+                elif fd == wake_fd:
+                    raise Woken
+            if reader.done():
+                return reader
+            if self.pidfd < 0 and not exited:
+                exited = _has_exited(self.pid)
+            if exited:
+                if pipe_open:
+                    # The child is gone; whatever it wrote is already in the pipe. Do not wait for
+                    # EOF: a grandchild may hold the write end open.
+                    reader.read_from(self.rfd)
+                if reader.done():
+                    return reader
+                self._crashed(reader)
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                self._timed_out()
+
+    def _finish(self, reader: _transport.FrameReader) -> Any:
+        kind = reader.kind()
+        try:
+            try:
+                payload = reader.loads(self.shm_fd)
+            except Exception as exc:
+                raise ResultUnpicklingError(
+                    f"the result of {self.task} arrived but cannot be unpickled in this process "
+                    f"({type(exc).__name__}: {exc}); return types this process can import",
+                    type_name=None,
+                    reason=f"{type(exc).__name__}: {exc}",
+                ) from exc
+        finally:
+            self._release()
+            _reaper.add(self.pid, self.pidfd)
+        if kind == _child.KIND_VALUE:
+            value, warns = payload
+            _child.reemit_warnings(warns)
+            return value
+        if kind == _child.KIND_ERROR:
+            err, warns = payload
+            _child.reemit_warnings(warns)
+            text = getattr(err, "child_traceback", None)
+            if text:
+                raise err from ChildTraceback(text)
+            raise err
+        type_name, message, tb_text, blob, warns = payload
+        _child.reemit_warnings(warns)
+        task_exc: BaseException | None = None
+        if blob is not None:
+            try:
+                task_exc = pickle.loads(blob)
+            except Exception:
+                task_exc = None
+        if not isinstance(task_exc, BaseException):
+            task_exc = TaskError(
+                f"{type_name}: {message}\n(the task raised {type_name}, which could not be re-created in "
+                "this process; its type and message are kept here and its traceback is the cause)",
+                type_name=type_name,
+                message=message,
+                child_traceback=tb_text,
+            )
+        raise task_exc from ChildTraceback(tb_text)
+
+    def _release(self) -> None:
+        # The pidfd stays open: the reaper owns it from here on.
+        _close_ours(self.rfd, self.shm_fd)
+        self.rfd = self.shm_fd = -1
+
+    def _reap_now(self) -> int | None:
+        """Kill what is left of the child's process group, wait for the child; its wait status."""
+        _killpg(self.pid)
+        try:
+            _, status = os.waitpid(self.pid, 0)
+        except ChildProcessError:  # reaped by someone else (SIGCHLD set to SIG_IGN)
+            status = None
+        if self.pidfd >= 0:
+            _close_ours(self.pidfd)
+            self.pidfd = -1
+        return status
+
+    def kill(self) -> None:
+        """Kill the child and its process group, and reap it (blocking until it is gone)."""
+        if self._done:
+            return
+        self._done = True
+        self._release()
+        self._reap_now()
+
+    def _crashed(self, reader: _transport.FrameReader) -> NoReturn:
+        self._done = True
+        self._release()
+        status = self._reap_now()
+        raise crash_error(self.pid, status, reader.text() if reader.not_a_frame else "", self.task, self.limits)
+
+    def _timed_out(self) -> NoReturn:
+        self.kill()
+        raise TaskTimeoutError(
+            f"{self.task} did not finish within its {self.limits.timeout:g} s timeout; the child "
+            f"(pid {self.pid}) and its process group were killed",
+            pid=self.pid,
+            timeout=self.limits.timeout or 0.0,
+            task=self.task,
+        )
+
+
+def _has_exited(pid: int) -> bool:
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True
+    return info is not None
+
+
+def _killpg(pid: int) -> None:
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+_SIGNAL_HINTS = {
+    "SIGSEGV": "a segmentation fault, usually in a C extension",
+    "SIGBUS": "a bus error, usually in a C extension or a truncated memory-mapped file",
+    "SIGABRT": "abort(), usually a failed assertion in C code or an out-of-memory abort",
+    "SIGKILL": "killed: by the kernel's OOM killer, a user, or the task itself",
+    "SIGFPE": "an arithmetic fault in C code",
+    "SIGILL": "an illegal instruction, often a binary built for another CPU",
+}
+
+
+def crash_error(pid: int, status: int | None, crash_text: str, task: str | None, limits: Limits) -> ChildCrashed:
+    """Build the :class:`ChildCrashed` for a child that ended without a frame."""
+    exitcode: int | None = os.waitstatus_to_exitcode(status) if status is not None else None
+    signame: str | None = None
+    if exitcode is not None and exitcode < 0:
+        try:
+            signame = signal.Signals(-exitcode).name
+        except ValueError:
+            signame = f"signal {-exitcode}"
+    what = f"{task} " if task else ""
+    if signame is not None:
+        how = f"was killed by {signame} ({_SIGNAL_HINTS.get(signame, 'a fatal signal')})"
+    elif exitcode is None:
+        how = "ended with an unknown status (was SIGCHLD set to SIG_IGN?)"
+    elif exitcode == _child.EXIT_PARENT_GONE:
+        how = "could not report back (its result pipe was closed)"
+    else:
+        how = f"exited with code {exitcode} (os._exit or a C-level exit in the task)"
+    message = f"the child running {what}(pid {pid}) {how} before sending a result"
+    if limits.memory_limit is not None and signame in ("SIGKILL", "SIGABRT", "SIGSEGV"):
+        message += f"; it ran under a memory limit of {limits.memory_limit} bytes, which it may have hit"
+    stack = _trim_crash_text(crash_text) or None
+    if stack:
+        message += "\n\nPython stack at the crash site:\n" + stack
+    return ChildCrashed(message, pid=pid, exitcode=exitcode, signal=signame, crash_stack=stack, task=task)
+
+
+_CHILD_FILE = _child.__file__
+
+
+def _trim_crash_text(text: str) -> str:
+    # faulthandler lists frames most recent first; from dask_forkmap's own child frame on, the stack
+    # is our machinery and then the parent's stack at the time of the fork: neither is the task's.
+    # It ends with a long list of loaded extension modules, which is no use in an error either.
+    lines = []
+    skipping = False
+    for line in text.strip().splitlines():
+        if line.startswith("Extension modules:"):
+            break
+        if line.startswith("  File "):
+            skipping = skipping or f'"{_CHILD_FILE}"' in line
+            if skipping:
+                continue
+        else:
+            skipping = False
+        lines.append(line)
+    return "\n".join(lines).strip()
+
+
+class _Reaper:
+    """A daemon thread that reaps children whose result has already been collected.
+
+    Waiting for a finished child's exit is off the caller's path: the child's teardown takes
+    milliseconds to tens of milliseconds after its frame is complete.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._pending: dict[int, int] = {}  # pid -> pidfd (-1: poll)
+        self._thread: threading.Thread | None = None
+        self._wake_r = self._wake_w = -1
+
+    def add(self, pid: int, pidfd: int) -> None:
+        with self._cond:
+            self._pending[pid] = pidfd
+            if self._thread is None:
+                self._wake_r, self._wake_w = os.pipe()
+                os.set_blocking(self._wake_r, False)
+                with _fork_lock:
+                    _parent_fds.update((self._wake_r, self._wake_w))
+                self._thread = threading.Thread(target=self._run, name="dask-forkmap-reaper", daemon=True)
+                self._thread.start()
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:  # pragma: no cover - the pipe is full of wake-ups already
+            pass
+
+    def wait(self, pids: set[int] | None = None, timeout: float | None = None) -> bool:
+        """Wait until ``pids`` (default: all pending) are reaped; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: not (self._pending.keys() & pids if pids is not None else self._pending), timeout
+            )
+
+    def pending(self) -> set[int]:
+        with self._cond:
+            return set(self._pending)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                items = list(self._pending.items())
+            poller = select.poll()
+            poller.register(self._wake_r, select.POLLIN)
+            for _, pidfd in items:
+                if pidfd >= 0:
+                    poller.register(pidfd, select.POLLIN)
+            polling = any(pidfd < 0 for _, pidfd in items)
+            ready = {fd for fd, _ in poller.poll(int(_EXIT_POLL_S * 1000) if polling else None)}
+            if self._wake_r in ready:
+                try:
+                    while os.read(self._wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+            for pid, pidfd in items:
+                if (pidfd >= 0 and pidfd in ready) or (pidfd < 0 and _has_exited(pid)):
+                    self._reap(pid, pidfd)
+
+    def _reap(self, pid: int, pidfd: int) -> None:
+        _killpg(pid)  # grandchildren left in the group; the zombie still holds the pid
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        if pidfd >= 0:
+            _close_ours(pidfd)
+        with self._cond:
+            self._pending.pop(pid, None)
+            self._cond.notify_all()
+
+
+_reaper = _Reaper()
+
+
+def _after_fork_in_child() -> None:
+    # Whatever forked us (dask_forkmap or anyone else) may have held the lock, and the reaper thread
+    # does not exist here. Forget the parent's descriptors without closing them: they may be in use
+    # by whoever forked, and our own children close the ones they inherit.
+    global _fork_lock, _reaper
+    _fork_lock = threading.Lock()
+    _parent_fds.clear()
+    _reaper = _Reaper()
+
+
+if HAS_FORK:
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def fork_map(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+    """Run ``fn(*args, **kwargs)`` in a forked child and return its result.
+
+    ``fn`` and its arguments are never pickled: the child sees the parent's memory copy-on-write,
+    so lambdas, closures, locks, open files and large arrays all work as inputs. Only the result comes
+    back, pickled with protocol 5 (cloudpickle when plain pickle refuses it); large buffers arrive
+    through shared memory, without a copy in the parent. Whatever the call leaks, corrupts or
+    mutates dies with the child.
+
+    Limits (a timeout, a memory limit) come from :func:`with_limits` or ``dask.config``
+    (``forkmap.timeout``, ``forkmap.memory-limit``), never from keyword arguments, which all go to
+    ``fn``.
+
+    >>> from dask_forkmap import fork_map
+    >>> value = 4
+    >>> fork_map(lambda: value * 10)
+    40
+
+    Raises
+    ------
+    Exception
+        Whatever ``fn`` raised, with its original type and the child's traceback as ``__cause__``.
+    ChildCrashed
+        The child died without a result (segfault, abort, ``os._exit``, OOM kill).
+    TaskTimeoutError, MemoryLimitExceeded, TaskInterrupted, ResultPicklingError, ResultUnpicklingError,
+    TaskError, ForkFailed, ForkUnavailable
+        See :ref:`failures`.
+    """
+    child = spawn(fn, args, kwargs, Limits.from_config())
+    result: R = child.collect()
+    return result

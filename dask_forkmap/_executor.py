@@ -1,0 +1,303 @@
+"""``ForkExecutor``: a :class:`concurrent.futures.Executor` that forks one child per task.
+
+Data flow::
+
+    submit() (any thread)          slot threads (at most max_workers)          children
+    ---------------------          ----------------------------------          --------
+    Future + _WorkItem --queue-->  take an item, spawn() ----------fork------>  run the task
+                                   Child.collect(wake_fd) <--------frame-----  write the result
+                                   set the future's result/exception
+
+Slot threads are long-lived and do the forking themselves. That keeps forks away from the threads
+that call ``submit`` (a Dask scheduler's loop, a distributed worker's event loop, which may hold locks
+a child would need), and ties each child's ``PR_SET_PDEATHSIG`` to a thread that outlives it: the
+kernel delivers that signal when the *forking thread* exits, not only when the process does.
+
+A future stays PENDING while its child runs, so ``Future.cancel()`` succeeds on a running task: the
+cancel callback wakes the slot through its wake pipe, and the slot kills and reaps the child.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import os
+import queue
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future
+from functools import partial
+from typing import Any, TypeVar
+
+from . import _core
+from ._errors import ExecutorShutdown
+from ._limits import Limited, Limits, split
+
+__all__ = ["ForkExecutor"]
+
+R = TypeVar("R")
+
+_live_executors: weakref.WeakSet[ForkExecutor] = weakref.WeakSet()
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (affinity-aware where the platform tells)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - macOS
+        return os.cpu_count() or 1
+
+
+class _WorkItem:
+    __slots__ = ("args", "fn", "future", "kwargs", "limits", "task")
+
+    def __init__(
+        self,
+        future: Future[Any],
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        limits: Limits,
+        task: str | None,
+    ) -> None:
+        self.future = future
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.limits = limits
+        self.task = task
+
+
+class _Slot:
+    """One slot thread and its wake pipe."""
+
+    def __init__(self, executor: ForkExecutor, index: int) -> None:
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        with _core._fork_lock:
+            _core._parent_fds.update((self.wake_r, self.wake_w))
+        self.thread = threading.Thread(
+            target=_slot_loop,
+            args=(weakref.ref(executor), executor._work, self),
+            name=f"{executor._name}-{index}",
+            daemon=True,
+        )
+
+    def wake(self) -> None:
+        try:
+            os.write(self.wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def close(self) -> None:
+        _core._close_ours(self.wake_r, self.wake_w)
+
+
+def _slot_loop(executor_ref: weakref.ref[ForkExecutor], work: queue.SimpleQueue[_WorkItem | None], slot: _Slot) -> None:
+    try:
+        while True:
+            item = work.get()
+            if item is None:
+                work.put(None)  # let the other slots see it too
+                return
+            _run(item, slot)
+            del item
+            executor = executor_ref()
+            if executor is not None:
+                executor._idle.release()
+            del executor
+    finally:
+        slot.close()
+
+
+def _run(item: _WorkItem, slot: _Slot) -> None:
+    future = item.future
+    if future.cancelled():
+        return
+    slot.drain()
+    try:
+        child = _core.spawn(item.fn, item.args, item.kwargs, item.limits, item.task)
+    except BaseException as exc:
+        if future.set_running_or_notify_cancel():
+            future.set_exception(exc)
+        return
+    future.add_done_callback(lambda f: slot.wake() if f.cancelled() else None)
+    while True:
+        try:
+            value = child.collect(wake_fd=slot.wake_r)
+        except _core.Woken:
+            slot.drain()
+            if future.cancelled():
+                child.kill()
+                return
+            continue
+        except BaseException as exc:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(exc)
+            return
+        if future.set_running_or_notify_cancel():
+            future.set_result(value)
+        return
+
+
+def _run_chunk(fn: Callable[..., R], chunk: list[tuple[Any, ...]]) -> list[R]:
+    return [fn(*args) for args in chunk]
+
+
+def _chunks(iterables: tuple[Iterable[Any], ...], size: int) -> Iterator[list[tuple[Any, ...]]]:
+    it = zip(*iterables)  # noqa: B905 - map() stops at the shortest iterable
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+class ForkExecutor(Executor):
+    """An executor that runs every task in its own forked child.
+
+    Inputs are never pickled: each child reads them from the parent's memory, copy-on-write. Only
+    results come back. A child that crashes fails its own future with
+    :class:`~dask_forkmap.ChildCrashed`; the executor and its other tasks carry on.
+
+    Parameters
+    ----------
+    max_workers : int, optional
+        Most children alive at once; default: the CPUs this process may use.
+    timeout, memory_limit : optional
+        Default :class:`~dask_forkmap.Limits` for every task (``with_limits`` on a task overrides
+        them; unset values fall back to ``dask.config``).
+    thread_name_prefix : str
+        Name of the slot threads that fork and wait for the children.
+
+    Notes
+    -----
+    ``Future.cancel()`` also works on a running task: it kills the child and its process group.
+    ``shutdown(cancel_futures=True)`` cancels everything that is left, queued or running, and the
+    context manager does so when its block raises (a ``KeyboardInterrupt`` included).
+
+    Works as a Dask scheduler: ``dask.compute(x, scheduler=ForkExecutor(2))``.
+    """
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        *,
+        timeout: float | None = None,
+        memory_limit: int | str | None = None,
+        thread_name_prefix: str = "dask-forkmap",
+    ) -> None:
+        _core._check_platform()
+        if max_workers is None:
+            max_workers = available_cpus()
+        if isinstance(max_workers, bool) or not isinstance(max_workers, int):
+            raise TypeError(f"max_workers must be an int, not {type(max_workers).__name__}")
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be at least 1, not {max_workers}")
+        self._max_workers = max_workers
+        self._limits = Limits(timeout=timeout, memory_limit=memory_limit)
+        self._name = thread_name_prefix
+        self._work: queue.SimpleQueue[_WorkItem | None] = queue.SimpleQueue()
+        self._slots: list[_Slot] = []
+        self._idle = threading.Semaphore(0)
+        self._lock = threading.Lock()
+        self._shutdown = False
+        self._inflight: weakref.WeakSet[Future[Any]] = weakref.WeakSet()
+        _live_executors.add(self)
+
+    @property
+    def max_workers(self) -> int:
+        """Most children alive at once."""
+        return self._max_workers
+
+    def submit(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> Future[R]:
+        """Run ``fn(*args, **kwargs)`` in a forked child; limits via :func:`with_limits`."""
+        return self._submit(fn, args, kwargs)
+
+    def _submit(
+        self,
+        fn: Callable[..., R],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        limits: Limits | None = None,
+        task: str | None = None,
+    ) -> Future[R]:
+        """``submit`` for the layers above: ``limits`` sit between ``with_limits`` and the executor's
+        own; ``task`` names the work in error messages (a Dask key)."""
+        base = self._limits.over(Limits.from_config())
+        if limits is not None:
+            base = limits.over(base)
+        with self._lock:
+            if self._shutdown:
+                raise ExecutorShutdown("cannot submit to a ForkExecutor after shutdown(); create a new one")
+            future: Future[R] = Future()
+            self._inflight.add(future)
+            self._work.put(_WorkItem(future, fn, args, kwargs, base, task))
+            self._add_slot_if_needed()
+        return future
+
+    def _add_slot_if_needed(self) -> None:
+        if self._idle.acquire(blocking=False):
+            return
+        if len(self._slots) < self._max_workers:
+            slot = _Slot(self, len(self._slots))
+            self._slots.append(slot)
+            slot.thread.start()
+
+    def map(
+        self,
+        fn: Callable[..., R],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[R]:
+        """Like :meth:`Executor.map`; ``chunksize`` items run in each child, in order.
+
+        Chunks amortize the fork: one child per ``chunksize`` calls. A limit set with
+        :func:`with_limits` applies to each chunk's child as a whole. ``timeout`` is the overall
+        wait, as in :meth:`concurrent.futures.Executor.map`.
+        """
+        if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
+            raise ValueError(f"chunksize must be a positive int, not {chunksize!r}")
+        if chunksize == 1:
+            return super().map(fn, *iterables, timeout=timeout)
+        inner, limits = split(fn)
+        run: Callable[..., list[R]] = Limited(partial(_run_chunk, inner), limits)
+        results = super().map(run, _chunks(iterables, chunksize), timeout=timeout)
+        return itertools.chain.from_iterable(results)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting work; optionally wait, and optionally cancel what is left.
+
+        With ``cancel_futures=True`` queued tasks are cancelled and running children are killed with
+        their process groups. With ``wait=True`` this returns once every child is gone, reaped
+        included.
+        """
+        with self._lock:
+            self._shutdown = True
+            slots = list(self._slots)
+        if cancel_futures:
+            for future in list(self._inflight):
+                future.cancel()
+        self._work.put(None)
+        if wait:
+            for slot in slots:
+                slot.thread.join()
+            _core._reaper.wait()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        # On an error (KeyboardInterrupt included) nothing that is left should outlive the block.
+        self.shutdown(wait=True, cancel_futures=exc_type is not None)
+
+
+@atexit.register
+def _shutdown_at_exit() -> None:
+    for executor in list(_live_executors):
+        executor.shutdown(wait=True)

@@ -1,0 +1,140 @@
+"""Per-task limits: a wall-clock timeout and a memory limit.
+
+Limits travel *with the function*, not as keyword arguments of ``fork_map``/``submit``, so they can
+never clash with the task's own keyword arguments: ``fork_map(with_limits(f, timeout=5), timeout=1)``
+runs ``f(timeout=1)`` with a 5 s limit. Precedence, highest first: :func:`with_limits`, then the
+executor's (or scheduler's) arguments, then ``dask.config`` (``forkmap.timeout``,
+``forkmap.memory-limit``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from dask.utils import parse_bytes
+
+from . import _config
+
+__all__ = ["Limited", "Limits", "with_limits"]
+
+R = TypeVar("R")
+
+
+def _check_timeout(timeout: Any) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
+    if not (timeout > 0 and math.isfinite(timeout)):
+        raise ValueError(f"timeout must be a positive, finite number of seconds, not {timeout!r}")
+    return float(timeout)
+
+
+def _check_memory_limit(limit: Any) -> int | None:
+    if limit is None:
+        return None
+    if isinstance(limit, str):
+        try:
+            value = parse_bytes(limit)
+        except (ValueError, KeyError) as exc:
+            raise ValueError(
+                f"memory_limit {limit!r} is not a size; write bytes as a number or a string like '2 GiB'"
+            ) from exc
+    elif isinstance(limit, bool) or not isinstance(limit, (int, float)):
+        raise TypeError(
+            f"memory_limit must be a number of bytes, a string like '2 GiB', or None, not {type(limit).__name__}"
+        )
+    else:
+        if not math.isfinite(limit):
+            raise ValueError(f"memory_limit must be a finite number of bytes, not {limit!r}")
+        value = int(limit)
+    if value <= 0:
+        raise ValueError(f"memory_limit must be positive, not {limit!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one task may use. ``None`` means no limit.
+
+    Parameters
+    ----------
+    timeout : float, optional
+        Wall-clock seconds from the fork. When it expires the child's whole process group
+        (grandchildren included) is killed and :class:`~dask_forkmap.TaskTimeoutError` is raised.
+    memory_limit : int or str, optional
+        Bytes the task may allocate beyond what the child inherited from its parent, e.g.
+        ``"512 MiB"``. Enforced with ``RLIMIT_AS`` set to the child's current address-space size plus
+        this much, so the inherited copy-on-write mappings do not count against it. Exceeding it raises
+        :class:`~dask_forkmap.MemoryLimitExceeded`.
+    """
+
+    timeout: float | None = None
+    memory_limit: int | None = None
+
+    def __init__(self, timeout: float | None = None, memory_limit: int | str | None = None) -> None:
+        object.__setattr__(self, "timeout", _check_timeout(timeout))
+        object.__setattr__(self, "memory_limit", _check_memory_limit(memory_limit))
+
+    def over(self, fallback: Limits) -> Limits:
+        """These limits, with ``fallback``'s values where these are unset."""
+        return Limits(
+            timeout=self.timeout if self.timeout is not None else fallback.timeout,
+            memory_limit=self.memory_limit if self.memory_limit is not None else fallback.memory_limit,
+        )
+
+    @classmethod
+    def from_config(cls) -> Limits:
+        """The defaults currently in ``dask.config``."""
+        return cls(timeout=_config.get("timeout"), memory_limit=_config.get("memory-limit"))
+
+
+@dataclass(frozen=True)
+class Limited(Generic[R]):
+    """A callable carrying its own :class:`Limits`; see :func:`with_limits`.
+
+    Calling it in process simply calls the wrapped function: the limits only act when it runs in a
+    forked child.
+    """
+
+    fn: Callable[..., R]
+    limits: Limits
+
+    def __call__(self, *args: Any, **kwargs: Any) -> R:
+        return self.fn(*args, **kwargs)
+
+    @property
+    def __name__(self) -> str:  # so that reports and dask key names read well
+        return getattr(self.fn, "__name__", type(self.fn).__name__)
+
+
+def with_limits(
+    fn: Callable[..., R], *, timeout: float | None = None, memory_limit: int | str | None = None
+) -> Limited[R]:
+    """Attach per-task limits to ``fn`` for :func:`fork_map`, :class:`ForkExecutor` and Dask graphs.
+
+    >>> from dask_forkmap import fork_map, with_limits
+    >>> fork_map(with_limits(sum, timeout=10, memory_limit="1 GiB"), [1, 2, 3])
+    6
+
+    Wrapping an already limited function overrides the limits it sets and keeps the others.
+    """
+    if not callable(fn):
+        raise TypeError(f"with_limits needs a callable, not {type(fn).__name__}")
+    limits = Limits(timeout=timeout, memory_limit=memory_limit)
+    if isinstance(fn, Limited):
+        return Limited(fn.fn, limits.over(fn.limits))
+    return Limited(fn, limits)
+
+
+def split(fn: Callable[..., R]) -> tuple[Callable[..., R], Limits]:
+    """``fn`` without its :class:`Limited` wrapper, and the limits it carried."""
+    if isinstance(fn, Limited):
+        return fn.fn, fn.limits
+    return fn, _NO_LIMITS
+
+
+_NO_LIMITS = Limits()
