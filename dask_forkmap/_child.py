@@ -107,34 +107,35 @@ def _run(
 ) -> tuple[int, Any]:
     if memory_limit is not None:
         _limit_memory(memory_limit)
+    failure: BaseException | None = None
     with warnings.catch_warnings(record=True) as log:
         _record_all_warnings()
         try:
             value = fn(*args, **kwargs)
-        except MemoryError as exc:
-            if memory_limit is None:
-                return KIND_RAISED, _describe(exc, log)
-            err: ForkMapError = MemoryLimitExceeded(
-                f"the task needed more than its memory limit of {memory_limit} bytes "
-                f"({type(exc).__name__}: {exc}); raise the limit or make the task use less",
-                pid=os.getpid(),
-                limit=memory_limit,
-                child_traceback=_format(exc),
-            )
-            return KIND_ERROR, (err, _warnings(log))
-        except (KeyboardInterrupt, SystemExit) as exc:
-            code = exc.code if isinstance(exc, SystemExit) else None
-            what = f"SystemExit({code!r})" if isinstance(exc, SystemExit) else "KeyboardInterrupt"
-            err = TaskInterrupted(
-                f"the task raised {what}; it ended the child, not this process",
-                exc_type=type(exc).__name__,
-                code=code,
-                child_traceback=_format(exc),
-            )
-            return KIND_ERROR, (err, _warnings(log))
         except BaseException as exc:
-            return KIND_RAISED, _describe(exc, log)
+            failure = exc
+    if failure is None:
         return KIND_VALUE, (value, _warnings(log))
+    if isinstance(failure, MemoryError) and memory_limit is not None:
+        err: ForkMapError = MemoryLimitExceeded(
+            f"the task needed more than its memory limit of {memory_limit} bytes "
+            f"({type(failure).__name__}: {failure}); raise the limit or make the task use less",
+            pid=os.getpid(),
+            limit=memory_limit,
+            child_traceback=_format(failure),
+        )
+        return KIND_ERROR, (err, _warnings(log))
+    if isinstance(failure, (KeyboardInterrupt, SystemExit)):
+        code = failure.code if isinstance(failure, SystemExit) else None
+        what = f"SystemExit({code!r})" if isinstance(failure, SystemExit) else "KeyboardInterrupt"
+        err = TaskInterrupted(
+            f"the task raised {what}; it ended the child, not this process",
+            exc_type=type(failure).__name__,
+            code=code,
+            child_traceback=_format(failure),
+        )
+        return KIND_ERROR, (err, _warnings(log))
+    return KIND_RAISED, _describe(failure, log)
 
 
 def _encode(kind: int, payload: Any, shm_fd: int) -> list[Any]:
@@ -159,6 +160,10 @@ def _encode(kind: int, payload: Any, shm_fd: int) -> list[Any]:
 def _describe(exc: BaseException, log: list[warnings.WarningMessage]) -> tuple[Any, ...]:
     """The task's exception, pickled only if the parent will be able to unpickle it."""
     blob: bytes | None
+    text = _format(exc)
+    # The traceback is not pickled, but on CPython 3.11 its mere presence makes pickling an exception
+    # raised by deep recursion fail again with RecursionError. The text above keeps it.
+    exc.__traceback__ = None
     try:
         stream, buffers = _transport.dumps(exc)
         blob = stream if not buffers else None
@@ -171,7 +176,7 @@ def _describe(exc: BaseException, log: list[warnings.WarningMessage]) -> tuple[A
         message = str(exc)
     except Exception as err:  # pragma: no cover - a broken __str__
         message = f"<str() failed: {err!r}>"
-    return (_qualname(type(exc)), message, _format(exc), blob, _warnings(log))
+    return (_qualname(type(exc)), message, text, blob, _warnings(log))
 
 
 def _format(exc: BaseException) -> str:

@@ -462,7 +462,7 @@ class _Reaper:
         except BlockingIOError:  # pragma: no cover - the pipe is full of wake-ups already
             pass
 
-    def wait(self, pids: set[int] | None = None, timeout: float | None = None) -> bool:
+    def wait(self, *, pids: set[int] | None = None, timeout: float | None = None) -> bool:
         """Wait until ``pids`` (default: all pending) are reaped; False on timeout."""
         with self._cond:
             return self._cond.wait_for(

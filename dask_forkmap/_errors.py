@@ -30,10 +30,13 @@ __all__ = [
 
 
 def _restore(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> BaseException:
-    # Rebuild without calling __init__: the subclasses take keyword-only fields, and some of them
-    # also derive from builtins (OSError, MemoryError) whose constructors treat args specially.
-    exc = cls.__new__(cls)
-    exc.args = args
+    # The subclasses take their fields as keyword-only arguments, so the default exception pickling
+    # (cls(*args)) cannot rebuild them. Calling the constructor (rather than __new__ alone) keeps
+    # builtin bases such as OSError and MemoryError properly initialized.
+    try:
+        exc = cls(*args, **state)
+    except TypeError:
+        exc = cls(*args)
     exc.__dict__.update(state)
     return exc
 

@@ -63,6 +63,11 @@ def _align(n: int) -> int:
     return (n + ALIGN - 1) & ~(ALIGN - 1)
 
 
+def _data_start(nsegs: int) -> int:
+    # In a pipe frame the data starts aligned, so that the aligned offsets stay aligned in memory.
+    return _align(HEADER.size + nsegs * SEGMENT.size)
+
+
 def dumps(obj: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
     """Pickle ``obj`` with protocol 5; return the stream and the out-of-band buffers.
 
@@ -107,7 +112,8 @@ def encode(kind: int, stream: bytes, buffers: Sequence[pickle.PickleBuffer], shm
             _pwrite_all(shm_fd, seg, off)
         return [HEADER.pack(MAGIC, kind, WHERE_SHM, 0, len(segments), size), table]
 
-    parts: list[Any] = [HEADER.pack(MAGIC, kind, WHERE_PIPE, 0, len(segments), size), table]
+    header = HEADER.pack(MAGIC, kind, WHERE_PIPE, 0, len(segments), size)
+    parts: list[Any] = [header, table, bytes(_data_start(len(segments)) - len(header) - len(table))]
     pos = 0
     for off, seg in zip(offsets, segments, strict=True):
         if off > pos:
@@ -178,7 +184,7 @@ class FrameReader:
                 return
             self._header = header
             _, _, where, _, nsegs, size = header
-            self._need = HEADER.size + nsegs * SEGMENT.size + (size if where == WHERE_PIPE else 0)
+            self._need = _data_start(nsegs) + size if where == WHERE_PIPE else HEADER.size + nsegs * SEGMENT.size
         elif not self.not_a_frame and self._filled >= len(MAGIC) and not self._buf.startswith(MAGIC):
             self.not_a_frame = True
 
@@ -196,10 +202,7 @@ class FrameReader:
         _, _, where, _, nsegs, size = self._header
         table = HEADER.size
         segs = [SEGMENT.unpack_from(self._buf, table + i * SEGMENT.size) for i in range(nsegs)]
-        if where == WHERE_SHM:
-            data = _map_private(shm_fd, size)
-        else:
-            data = memoryview(self._buf)[table + nsegs * SEGMENT.size :]
+        data = _map_private(shm_fd, size) if where == WHERE_SHM else memoryview(self._buf)[_data_start(nsegs) :]
         stream = data[segs[0][0] : segs[0][0] + segs[0][1]]
         buffers = [data[off : off + n] for off, n in segs[1:]]
         try:

@@ -1,0 +1,255 @@
+"""The child's life: how it starts, what it inherits, how it ends, and what it leaves behind."""
+
+from __future__ import annotations
+
+import os
+import random
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import warnings
+
+import numpy as np
+import pytest
+from procs import child_pids, open_fds, wait_gone
+
+from dask_forkmap import ChildCrashed, ForkExecutor, _core, fork_map
+
+PY = sys.executable
+
+
+def run_script(code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PY, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def test_child_ends_with_os_exit_and_writes_nothing_twice() -> None:
+    # stdout is a pipe here, so block-buffered: "pending" is still in the parent's buffer at fork.
+    proc = run_script(
+        """
+        import atexit, sys, weakref
+        from dask_forkmap import fork_map
+
+        atexit.register(lambda: print("atexit ran"))
+        class Thing: pass
+        thing = Thing()
+        weakref.finalize(thing, print, "finalizer ran")
+        print("pending")
+        def task():
+            print("printed by the task")
+            return 7
+        print("result", fork_map(task))
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines.count("pending") == 1
+    assert lines.count("printed by the task") == 1
+    assert lines.count("result 7") == 1
+    assert lines.count("atexit ran") == 1
+    assert lines.count("finalizer ran") == 1
+    assert lines.index("printed by the task") < lines.index("result 7")
+
+
+def test_child_has_its_own_process_group() -> None:
+    pid, pgid = fork_map(lambda: (os.getpid(), os.getpgid(0)))
+    assert pid == pgid
+    assert pgid != os.getpgid(0)
+
+
+def test_child_dies_with_its_parent() -> None:
+    script = textwrap.dedent(
+        """
+        import os, sys, time
+        from dask_forkmap import fork_map
+        def task():
+            print(os.getpid(), flush=True)
+            time.sleep(600)
+        fork_map(task)
+        """
+    )
+    parent = subprocess.Popen([PY, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([parent.stdout], [], [], 60)
+        assert ready, "the child never started"
+        child = int(parent.stdout.readline())
+        assert child in child_pids(parent.pid)
+        parent.kill()
+        parent.wait(timeout=30)
+        assert wait_gone(child, timeout=10), "the child outlived its parent"
+    finally:
+        parent.kill()
+        parent.wait(timeout=30)
+        parent.stdout.close()
+
+
+def test_fast_result_does_not_wait_for_a_slow_sibling() -> None:
+    go_r, go_w = os.pipe()
+
+    def slow() -> str:
+        os.read(go_r, 1)  # blocks until the test lets it finish
+        return "slow"
+
+    with ForkExecutor(2) as ex:
+        slow_future = ex.submit(slow)
+        fast_future = ex.submit(lambda: "fast")
+        assert fast_future.result(timeout=30) == "fast"
+        assert not slow_future.done()
+        crash = ex.submit(os._exit, 9)
+        with pytest.raises(ChildCrashed):
+            crash.result(timeout=30)
+        assert not slow_future.done()
+        os.write(go_w, b"x")
+        assert slow_future.result(timeout=30) == "slow"
+    os.close(go_r)
+    os.close(go_w)
+
+
+def test_result_does_not_wait_for_eof() -> None:
+    # The task forks a grandchild that inherits the result pipe and keeps it open. EOF would come
+    # only when the grandchild exits; the framed result must not wait for it.
+    pid_r, pid_w = os.pipe()
+    hold_r, hold_w = os.pipe()
+
+    def leave_a_grandchild_holding_the_pipe() -> int:
+        pid = os.fork()
+        if pid == 0:
+            os.read(hold_r, 1)  # never written: only death ends this
+            os._exit(0)
+        os.write(pid_w, f"{pid}\n".encode())
+        return 42
+
+    assert fork_map(leave_a_grandchild_holding_the_pipe) == 42
+    grandchild = int(os.read(pid_r, 100))
+    # Once the child has exited, its process group goes with it: no orphan is left.
+    assert wait_gone(grandchild, timeout=10)
+    for fd in (pid_r, pid_w, hold_r, hold_w):
+        os.close(fd)
+
+
+def test_crash_is_seen_while_a_grandchild_holds_the_pipe() -> None:
+    hold_r, hold_w = os.pipe()
+
+    def crash_leaving_a_grandchild() -> None:
+        if os.fork() == 0:
+            os.read(hold_r, 1)
+            os._exit(0)
+        os._exit(5)
+
+    with pytest.raises(ChildCrashed) as info:
+        fork_map(crash_leaving_a_grandchild)
+    assert info.value.exitcode == 5
+    os.close(hold_r)
+    os.close(hold_w)
+
+
+def test_children_get_different_random_numbers() -> None:
+    np.random.random()  # make sure numpy's legacy global state is loaded in the parent
+    draws = [fork_map(lambda: (random.random(), float(np.random.random()))) for _ in range(4)]
+    assert len({d[0] for d in draws}) == 4
+    assert len({d[1] for d in draws}) == 4
+
+
+def test_numpy_random_is_not_imported_for_the_child() -> None:
+    proc = run_script(
+        """
+        import sys, numpy
+        sys.modules.pop("numpy.random", None)
+        from dask_forkmap import fork_map
+        print(fork_map(lambda: "numpy.random" in sys.modules))
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+
+
+@pytest.mark.slow
+def test_no_zombies_and_no_leaked_fds_after_10000_calls() -> None:
+    fork_map(int)  # start the reaper thread and its pipe before counting
+    assert _core._reaper.wait(timeout=60)
+    fds_before = open_fds()
+    with ForkExecutor(2) as ex:
+        assert sum(ex.map(abs, range(-5000, 5000))) == 25_000_000
+    for i in range(200):
+        assert fork_map(abs, -i) == i
+    assert _core._reaper.wait(timeout=60)
+    assert not child_pids(zombies_only=True)
+    assert not child_pids()
+    assert open_fds() == fds_before
+
+
+def test_keyboard_interrupt_while_waiting_kills_and_reaps_the_child() -> None:
+    pid_r, pid_w = os.pipe()
+    main = threading.get_ident()
+
+    def interrupt_once_started() -> None:
+        select.select([pid_r], [], [], 60)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    def task() -> None:
+        os.write(pid_w, f"{os.getpid()}\n".encode())
+        time.sleep(600)
+
+    interrupter = threading.Thread(target=interrupt_once_started)
+    interrupter.start()
+    with pytest.raises(KeyboardInterrupt):
+        fork_map(task)
+    interrupter.join(timeout=60)
+    child = int(os.read(pid_r, 100))
+    with pytest.raises(ChildProcessError):
+        os.waitpid(child, os.WNOHANG)  # already reaped
+    assert not os.path.exists(f"/proc/{child}") or child not in child_pids()
+    os.close(pid_r)
+    os.close(pid_w)
+
+
+def test_forking_from_a_multithreaded_parent_does_not_warn_but_others_still_do() -> None:
+    stop = threading.Event()
+    worker = threading.Thread(target=stop.wait)
+    worker.start()
+    try:
+        with warnings.catch_warnings(record=True) as log:
+            warnings.simplefilter("always")
+            assert fork_map(lambda: 5) == 5
+            with ForkExecutor(2) as ex:
+                assert list(ex.map(abs, [-1, -2])) == [1, 2]
+            ours = [w for w in log if "multi-threaded" in str(w.message)]
+            assert ours == []
+            # A fork made by anyone else still gets CPython's warning (3.12 and later).
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
+        theirs = [w for w in log if "multi-threaded" in str(w.message)]
+        if sys.version_info >= (3, 12):
+            assert len(theirs) == 1
+            assert theirs[0].category is DeprecationWarning
+        else:
+            assert theirs == []
+    finally:
+        stop.set()
+        worker.join(timeout=30)
+
+
+def test_subprocess_and_multiprocessing_keep_their_exit_statuses() -> None:
+    import multiprocessing
+
+    with ForkExecutor(2) as ex:
+        futures = [ex.submit(abs, -i) for i in range(20)]
+        for code in range(5):
+            proc = subprocess.run([PY, "-c", f"raise SystemExit({code})"], check=False, timeout=60)
+            assert proc.returncode == code
+        ctx = multiprocessing.get_context("fork")
+        process = ctx.Process(target=os._exit, args=(3,))
+        with warnings.catch_warnings():
+            # multiprocessing's own fork in this threaded process warns on 3.12+, as it should.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            process.start()
+        process.join(timeout=60)
+        assert process.exitcode == 3
+        assert [f.result(timeout=60) for f in futures] == list(range(20))

@@ -1,0 +1,203 @@
+"""ForkExecutor: the concurrent.futures contract, plus killing what is left."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import threading
+from concurrent.futures import CancelledError, wait
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+
+from dask_forkmap import ChildCrashed, ExecutorShutdown, ForkExecutor, TaskTimeoutError, with_limits
+
+
+def test_submit_and_result() -> None:
+    with ForkExecutor(2) as ex:
+        assert ex.submit(pow, 2, 10).result(timeout=60) == 1024
+        assert ex.submit(lambda *, k: k * 2, k=21).result(timeout=60) == 42
+        assert ex._max_workers == ex.max_workers == 2
+
+
+def test_map_keeps_order_with_and_without_chunks() -> None:
+    with ForkExecutor(2) as ex:
+        assert list(ex.map(pow, range(20), [2] * 20, timeout=60)) == [i**2 for i in range(20)]
+        assert list(ex.map(pow, range(20), [2] * 20, chunksize=6, timeout=60)) == [i**2 for i in range(20)]
+
+
+def test_a_chunk_runs_in_one_child() -> None:
+    with ForkExecutor(2) as ex:
+        pids = list(ex.map(lambda _: os.getpid(), range(12), chunksize=4, timeout=60))
+    assert [len(set(pids[i : i + 4])) for i in range(0, 12, 4)] == [1, 1, 1]
+    assert len(set(pids)) == 3
+    assert os.getpid() not in pids
+
+
+def test_map_raises_the_failing_items_error_in_order() -> None:
+    with ForkExecutor(2) as ex:
+        results = ex.map(lambda x: 10 // x, [5, 2, 0, 1], chunksize=2, timeout=60)
+        assert next(results) == 2
+        assert next(results) == 5
+        with pytest.raises(ZeroDivisionError):
+            next(results)
+
+
+def test_bad_arguments_are_rejected() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        ForkExecutor(0)
+    with pytest.raises(TypeError, match="max_workers must be an int"):
+        ForkExecutor(2.5)  # type: ignore[arg-type]
+    with ForkExecutor(1) as ex, pytest.raises(ValueError, match="chunksize"):
+        ex.map(abs, [1], chunksize=0)
+
+
+def test_never_more_children_than_max_workers(tmp_path: Path) -> None:
+    counter = tmp_path / "counter"
+    counter.write_text("0 0")
+
+    def task(_: int) -> None:
+        # Count live tasks in a file, under a file lock: the children share no memory.
+        with open(counter, "r+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            now, peak = map(int, f.read().split())
+            f.seek(0)
+            f.truncate()
+            f.write(f"{now + 1} {max(peak, now + 1)}")
+        for _ in range(200_000):  # a little work, so the tasks overlap
+            pass
+        with open(counter, "r+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            now, peak = map(int, f.read().split())
+            f.seek(0)
+            f.truncate()
+            f.write(f"{now - 1} {peak}")
+
+    with ForkExecutor(3) as ex:
+        list(ex.map(task, range(60), timeout=120))
+    now, peak = map(int, counter.read_text().split())
+    assert now == 0
+    assert 1 <= peak <= 3
+
+
+def test_submitting_from_many_threads() -> None:
+    results: dict[int, int] = {}
+    with ForkExecutor(2) as ex:
+
+        def submitter(base: int) -> None:
+            futures = {base + i: ex.submit(abs, -(base + i)) for i in range(25)}
+            for key, fut in futures.items():
+                results[key] = fut.result(timeout=120)
+
+        threads = [threading.Thread(target=submitter, args=(100 * t,)) for t in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    assert results == {100 * t + i: 100 * t + i for t in range(8) for i in range(25)}
+
+
+def _started_blocked_task(pid_w: int, go_r: int):  # type: ignore[no-untyped-def]
+    def task() -> str:
+        os.write(pid_w, f"{os.getpid()}\n".encode())
+        os.read(go_r, 1)
+        return "finished"
+
+    return task
+
+
+def _read_pids(pid_r: int, n: int) -> list[int]:
+    data = b""
+    while data.count(b"\n") < n:
+        assert select.select([pid_r], [], [], 60)[0], "tasks did not start"
+        data += os.read(pid_r, 100)
+    return [int(x) for x in data.split()]
+
+
+def test_cancel_kills_a_running_child() -> None:
+    pid_r, pid_w = os.pipe()
+    go_r, go_w = os.pipe()
+    with ForkExecutor(1) as ex:
+        future = ex.submit(_started_blocked_task(pid_w, go_r))
+        (pid,) = _read_pids(pid_r, 1)
+        assert future.cancel()
+        with pytest.raises(CancelledError):
+            future.result(timeout=60)
+        assert ex.submit(abs, -3).result(timeout=60) == 3  # the slot carries on
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    for fd in (pid_r, pid_w, go_r, go_w):
+        os.close(fd)
+
+
+def test_shutdown_with_cancel_futures_kills_and_reaps_everything() -> None:
+    pid_r, pid_w = os.pipe()
+    go_r, go_w = os.pipe()
+    ex = ForkExecutor(2)
+    running = [ex.submit(_started_blocked_task(pid_w, go_r)) for _ in range(2)]
+    queued = [ex.submit(abs, 1) for _ in range(5)]
+    pids = _read_pids(pid_r, 2)
+    ex.shutdown(wait=True, cancel_futures=True)
+    assert all(f.cancelled() for f in running + queued)
+    for pid in pids:
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+    with pytest.raises(ExecutorShutdown, match="after shutdown"):
+        ex.submit(abs, 1)
+    for fd in (pid_r, pid_w, go_r, go_w):
+        os.close(fd)
+
+
+def test_context_manager_kills_what_is_left_on_keyboard_interrupt() -> None:
+    pid_r, pid_w = os.pipe()
+    go_r, go_w = os.pipe()
+    with pytest.raises(KeyboardInterrupt), ForkExecutor(2) as ex:  # noqa: PT012
+        futures = [ex.submit(_started_blocked_task(pid_w, go_r)) for _ in range(2)]
+        pids = _read_pids(pid_r, 2)
+        raise KeyboardInterrupt
+    assert all(f.cancelled() for f in futures)
+    for pid in pids:
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+    for fd in (pid_r, pid_w, go_r, go_w):
+        os.close(fd)
+
+
+def test_context_manager_waits_for_work_on_normal_exit() -> None:
+    with ForkExecutor(2) as ex:
+        futures = [ex.submit(sum, range(i)) for i in range(10)]
+    _, not_done = wait(futures, timeout=0)
+    assert not not_done
+    assert [f.result() for f in futures] == [sum(range(i)) for i in range(10)]
+
+
+def test_crash_fails_only_its_own_future() -> None:
+    with ForkExecutor(2) as ex:
+        futures = [ex.submit(os._exit, 1) if i == 3 else ex.submit(abs, -i) for i in range(8)]
+        for i, fut in enumerate(futures):
+            if i == 3:
+                with pytest.raises(ChildCrashed):
+                    fut.result(timeout=60)
+            else:
+                assert fut.result(timeout=60) == i
+
+
+def test_executor_limits_and_with_limits_override() -> None:
+    import time
+
+    with ForkExecutor(1, timeout=0.5) as ex:
+        with pytest.raises(TaskTimeoutError) as info:
+            ex.submit(time.sleep, 30).result(timeout=60)
+        assert info.value.timeout == 0.5
+        assert ex.submit(with_limits(lambda: "long enough", timeout=30)).result(timeout=60) == "long enough"
+
+
+def test_dask_accepts_it_as_a_scheduler() -> None:
+    x = da.arange(1000, chunks=100)
+    with ForkExecutor(2) as ex:
+        (total,) = dask.compute((x * 2).sum(), scheduler=ex)
+    assert total == np.arange(1000).sum() * 2

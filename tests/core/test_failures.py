@@ -1,0 +1,227 @@
+"""Every way a task can fail, driven from one table.
+
+Each row runs a task through ``fork_map`` and checks the error type, its fields, that the error
+survives pickling (it crosses distributed later), and that the parent carries on afterwards.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from procs import wait_gone
+
+from dask_forkmap import (
+    ChildCrashed,
+    ChildTraceback,
+    ForkMapError,
+    MemoryLimitExceeded,
+    ResultPicklingError,
+    TaskError,
+    TaskInterrupted,
+    TaskTimeoutError,
+    fork_map,
+    with_limits,
+)
+
+MiB = 1024 * 1024
+
+
+def segfault() -> None:
+    ctypes.string_at(0)
+
+
+def kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def raise_memory_error() -> None:
+    raise MemoryError("simulated: no memory left")
+
+
+def allocate_512_mib() -> int:
+    return len(bytearray(512 * MiB))
+
+
+def return_lock() -> threading.Lock:
+    return threading.Lock()
+
+
+class HoldsALock(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+def raise_unpicklable() -> None:
+    raise HoldsALock("carries a lock")
+
+
+class NeedsTwoArgs(Exception):
+    def __init__(self, path: str, code: int) -> None:
+        super().__init__(f"{path} failed with {code}")
+        self.path = path
+        self.code = code
+
+
+def raise_needs_args() -> None:
+    raise NeedsTwoArgs("/data/x", 7)
+
+
+def raise_keyboard_interrupt() -> None:
+    raise KeyboardInterrupt
+
+
+def raise_system_exit() -> None:
+    sys.exit(4)
+
+
+def recurse(n: int = 0) -> int:
+    return recurse(n + 1) + 1
+
+
+def raise_value_error() -> None:
+    raise ValueError("bad value 17")
+
+
+@dataclass
+class Case:
+    task: Callable[[], Any]
+    error: type[BaseException]
+    fields: dict[str, Any] = field(default_factory=dict)
+    message: str = ""  # a substring the message must contain
+
+
+CASES = {
+    "segfault": Case(segfault, ChildCrashed, {"signal": "SIGSEGV", "exitcode": -signal.SIGSEGV}, "SIGSEGV"),
+    "abort": Case(os.abort, ChildCrashed, {"signal": "SIGABRT", "exitcode": -signal.SIGABRT}, "SIGABRT"),
+    "os._exit(3)": Case(lambda: os._exit(3), ChildCrashed, {"signal": None, "exitcode": 3}, "exited with code 3"),
+    "SIGKILL of itself": Case(kill_self, ChildCrashed, {"signal": "SIGKILL", "exitcode": -signal.SIGKILL}, "SIGKILL"),
+    "MemoryError": Case(raise_memory_error, MemoryError, {}, "simulated"),
+    "memory limit": Case(
+        with_limits(allocate_512_mib, memory_limit="64 MiB"), MemoryLimitExceeded, {"limit": 64 * MiB}, "memory limit"
+    ),
+    "timeout": Case(
+        with_limits(lambda: time.sleep(60), timeout=0.5), TaskTimeoutError, {"timeout": 0.5}, "0.5 s timeout"
+    ),
+    "unpicklable result": Case(return_lock, ResultPicklingError, {"type_name": "_thread.lock"}, "_thread.lock"),
+    "unpicklable exception": Case(
+        raise_unpicklable, TaskError, {"type_name": f"{__name__}.HoldsALock", "message": "carries a lock"}
+    ),
+    "exception needing init args": Case(
+        raise_needs_args, TaskError, {"type_name": f"{__name__}.NeedsTwoArgs", "message": "/data/x failed with 7"}
+    ),
+    "KeyboardInterrupt in the task": Case(
+        raise_keyboard_interrupt, TaskInterrupted, {"exc_type": "KeyboardInterrupt", "code": None}
+    ),
+    "SystemExit in the task": Case(
+        raise_system_exit, TaskInterrupted, {"exc_type": "SystemExit", "code": 4}, "SystemExit(4)"
+    ),
+    "deep recursion": Case(recurse, RecursionError, {}, "recursion"),
+    "ordinary exception": Case(raise_value_error, ValueError, {}, "bad value 17"),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_failure(case: Case) -> None:
+    with pytest.raises(case.error) as info:
+        fork_map(case.task)
+    err = info.value
+    assert type(err) is case.error or case.error in (MemoryError, RecursionError)
+    for name, expected in case.fields.items():
+        assert getattr(err, name) == expected, name
+    assert case.message in str(err)
+    if isinstance(err, ChildCrashed):
+        assert err.pid != os.getpid()
+        assert str(err.pid) in str(err)
+    # The error survives pickling with its type and fields.
+    again = pickle.loads(pickle.dumps(err))
+    assert type(again) is type(err)
+    assert str(again) == str(err)
+    for name in case.fields:
+        assert getattr(again, name) == getattr(err, name)
+    # The parent carries on.
+    assert fork_map(lambda: 21 * 2) == 42
+
+
+def test_task_exception_keeps_type_and_child_traceback() -> None:
+    with pytest.raises(ValueError, match="bad value 17") as info:
+        fork_map(raise_value_error)
+    cause = info.value.__cause__
+    assert isinstance(cause, ChildTraceback)
+    assert "raise_value_error" in cause.text
+    assert 'raise ValueError("bad value 17")' in cause.text
+
+
+def test_unrecreatable_exception_keeps_text() -> None:
+    with pytest.raises(TaskError) as info:
+        fork_map(raise_needs_args)
+    assert "NeedsTwoArgs" in info.value.child_traceback
+    assert "raise_needs_args" in info.value.child_traceback
+
+
+def test_segfault_reports_the_python_stack_at_the_crash_site() -> None:
+    with pytest.raises(ChildCrashed) as info:
+        fork_map(segfault)
+    stack = info.value.crash_stack
+    assert stack is not None
+    assert "Segmentation fault" in stack
+    assert "in segfault" in stack
+    assert "string_at" in stack
+    # Trimmed: no loaded-module list, no machinery or parent frames below the task.
+    assert "Extension modules" not in stack
+    assert "_child.py" not in stack
+    assert "test_segfault_reports" not in stack
+
+
+def test_crash_report_does_not_reach_the_terminal(capfd: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ChildCrashed):
+        fork_map(segfault)
+    out, err = capfd.readouterr()
+    assert "Segmentation fault" not in out + err
+
+
+def test_memory_within_the_limit_is_fine() -> None:
+    assert fork_map(with_limits(lambda: len(bytearray(16 * MiB)), memory_limit="128 MiB")) == 16 * MiB
+
+
+def test_memory_limit_does_not_count_inherited_memory() -> None:
+    # 256 MiB the parent already holds are mapped in the child too; a 64 MiB limit must still allow
+    # a 16 MiB allocation.
+    inherited = bytearray(256 * MiB)
+    assert fork_map(with_limits(lambda: len(inherited) + len(bytearray(16 * MiB)), memory_limit="64 MiB")) == 272 * MiB
+
+
+def test_timeout_kills_grandchildren(tmp_path: Any) -> None:
+    r, w = os.pipe()
+
+    def fork_grandchild_and_hang() -> None:
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(600)
+            os._exit(0)
+        os.write(w, f"{pid}\n".encode())
+        time.sleep(600)
+
+    with pytest.raises(TaskTimeoutError):
+        fork_map(with_limits(fork_grandchild_and_hang, timeout=1))
+    os.close(w)
+    grandchild = int(os.read(r, 100).decode())
+    os.close(r)
+    assert wait_gone(grandchild, timeout=10), "the grandchild outlived its parent's timeout"
+
+
+def test_all_errors_derive_from_forkmaperror() -> None:
+    for cls in (ChildCrashed, TaskTimeoutError, MemoryLimitExceeded, ResultPicklingError, TaskError, TaskInterrupted):
+        assert issubclass(cls, ForkMapError)
+    assert issubclass(TaskTimeoutError, TimeoutError)
+    assert issubclass(MemoryLimitExceeded, MemoryError)

@@ -1,0 +1,78 @@
+"""Platform checks, limit validation and configuration."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+
+import dask
+import pytest
+
+from dask_forkmap import Limits, TaskTimeoutError, fork_map, with_limits
+
+
+def test_without_fork_import_works_and_calls_fail_clearly() -> None:
+    code = textwrap.dedent(
+        """
+        import os
+        del os.fork  # as on Windows
+        import dask_forkmap
+        for call in (lambda: dask_forkmap.fork_map(int), lambda: dask_forkmap.ForkExecutor(1)):
+            try:
+                call()
+            except dask_forkmap.ForkUnavailable as exc:
+                assert isinstance(exc, dask_forkmap.ForkMapError)
+                print("ForkUnavailable:", exc)
+            else:
+                raise SystemExit("no error")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("ForkUnavailable:") == 2
+    assert "needs os.fork()" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"timeout": 0}, ValueError, "positive"),
+        ({"timeout": -1}, ValueError, "positive"),
+        ({"timeout": float("inf")}, ValueError, "finite"),
+        ({"timeout": "5"}, TypeError, "number of seconds"),
+        ({"memory_limit": 0}, ValueError, "positive"),
+        ({"memory_limit": "lots"}, ValueError, "not a size"),
+        ({"memory_limit": [1]}, TypeError, "number of bytes"),
+    ],
+)
+def test_bad_limits_are_rejected(kwargs: dict[str, object], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        Limits(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(error, match=match):
+        with_limits(abs, **kwargs)  # type: ignore[arg-type]
+
+
+def test_limits_parse_sizes() -> None:
+    assert Limits(memory_limit="2 GiB").memory_limit == 2 * 1024**3
+    assert Limits(memory_limit=1e6).memory_limit == 1_000_000
+
+
+def test_with_limits_wraps_transparently() -> None:
+    limited = with_limits(abs, timeout=3)
+    assert limited(-4) == 4
+    assert limited.__name__ == "abs"
+    again = with_limits(limited, memory_limit="1 MiB")
+    assert again.limits == Limits(timeout=3, memory_limit="1 MiB")
+    with pytest.raises(TypeError, match="needs a callable"):
+        with_limits(3)  # type: ignore[arg-type]
+
+
+def test_config_sets_the_default_timeout() -> None:
+    assert dask.config.get("forkmap.timeout") is None
+    with dask.config.set({"forkmap.timeout": 0.5}), pytest.raises(TaskTimeoutError):
+        fork_map(time.sleep, 30)
+    # with_limits wins over the configuration.
+    with dask.config.set({"forkmap.timeout": 0.5}):
+        assert fork_map(with_limits(lambda: "ok", timeout=30)) == "ok"

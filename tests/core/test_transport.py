@@ -1,0 +1,150 @@
+"""Results of every size come back whole, writable, aligned, and through private channels only."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+from procs import open_fds
+
+from dask_forkmap import ResultUnpicklingError, _core, _transport, fork_map
+
+MiB = 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    "nbytes",
+    [0, 1, 4096, 65535, 65536, 200_000, _transport.PIPE_MAX - 1000, _transport.PIPE_MAX + 1000, 64 * MiB],
+    ids=lambda n: f"{n}B",
+)
+def test_arrays_of_every_size_round_trip(nbytes: int) -> None:
+    source = np.random.default_rng(nbytes).integers(0, 255, nbytes, dtype=np.uint8)
+    result = fork_map(lambda: source.copy())
+    np.testing.assert_array_equal(result, source)
+    assert result.flags.writeable
+    if nbytes:  # an empty array's data pointer is arbitrary
+        assert result.ctypes.data % 16 == 0
+    result[:1] = 7  # an ordinary, writable array
+    if nbytes:
+        assert result[0] == 7
+
+
+def test_big_result_is_a_private_copy() -> None:
+    source = np.arange(8 * MiB, dtype=np.int64)
+    result = fork_map(lambda: source)
+    result[:] = -1
+    assert source[0] == 0
+    assert source[-1] == 8 * MiB - 1
+
+
+def test_large_in_band_payloads_use_the_memory_file() -> None:
+    blob = os.urandom(8 * MiB)
+    text = "x" * (3 * MiB)
+    assert fork_map(lambda: (blob, text, list(range(100_000)))) == (blob, text, list(range(100_000)))
+
+
+def test_many_buffers_and_mixed_sizes() -> None:
+    arrays = [np.full(n, n, dtype=np.float32) for n in (1, 10, 16_000, 17_000, 300_000) * 20]
+    back = fork_map(lambda: arrays)
+    assert len(back) == len(arrays)
+    for a, b in zip(arrays, back, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_pandas_frames_round_trip() -> None:
+    df = pd.DataFrame({"a": np.arange(500_000), "b": np.random.default_rng(0).random(500_000), "c": "text"})
+    pd.testing.assert_frame_equal(fork_map(lambda: df * 1), df * 1)
+
+
+def test_cloudpickle_takes_what_pickle_refuses() -> None:
+    offset = 3
+    add = fork_map(lambda: lambda x: x + offset)
+    assert add(4) == 7
+
+
+def test_a_class_defined_in_the_task_comes_back() -> None:
+    def make() -> object:
+        class Local:
+            def __init__(self) -> None:
+                self.value = 11
+
+        return Local()
+
+    assert fork_map(make).value == 11
+
+
+def test_unpicklable_in_parent_is_reported() -> None:
+    class Refuses:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (_explode, ())
+
+    with pytest.raises(ResultUnpicklingError, match="cannot be unpickled"):
+        fork_map(Refuses)
+
+
+def _explode() -> None:
+    raise RuntimeError("refuses to load")
+
+
+def test_live_results_hold_no_file_descriptors() -> None:
+    fork_map(int)
+    assert _core._reaper.wait(timeout=60)
+    before = open_fds()
+    results = [fork_map(lambda: np.ones(MiB // 4)) for _ in range(30)]  # 2 MiB each: memfd path
+    assert _core._reaper.wait(timeout=60)
+    assert open_fds() == before
+    assert all(r.sum() == MiB // 4 for r in results)
+
+
+def test_channels_have_no_name_anyone_could_open(tmp_path: object) -> None:
+    shm_before = set(os.listdir("/dev/shm"))
+    seen: list[str] = []
+
+    def list_parent_fds() -> list[str]:
+        parent = os.getppid()
+        return [os.readlink(f"/proc/{parent}/fd/{fd}") for fd in os.listdir(f"/proc/{parent}/fd")]
+
+    seen = fork_map(list_parent_fds)
+    fork_map(lambda: np.ones(4 * MiB))
+    assert set(os.listdir("/dev/shm")) == shm_before
+    memfds = [link for link in seen if "memfd" in link]
+    assert memfds, seen
+    assert all(link.startswith("/memfd:") and link.endswith("(deleted)") for link in memfds)
+
+
+def test_frame_reader_assembles_partial_reads() -> None:
+    stream, buffers = _transport.dumps({"k": list(range(1000))})
+    parts = _transport.encode(0, stream, buffers, -1)
+    frame = b"".join(bytes(memoryview(p).cast("B")) for p in parts)
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    reader = _transport.FrameReader()
+    for i in range(0, len(frame), 7):
+        os.write(w, frame[i : i + 7])
+        assert reader.read_from(r)
+        assert reader.done() == (i + 7 >= len(frame))
+    assert reader.loads(-1) == {"k": list(range(1000))}
+    os.close(w)
+    assert not reader.read_from(r)  # EOF
+    os.close(r)
+
+
+def test_frame_reader_flags_text_that_is_not_a_frame() -> None:
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    os.write(w, b"Fatal Python error: Segmentation fault\n")
+    reader = _transport.FrameReader()
+    reader.read_from(r)
+    assert reader.not_a_frame
+    assert not reader.done()
+    assert "Segmentation fault" in reader.text()
+    os.close(r)
+    os.close(w)
+
+
+def test_dumps_prefers_plain_pickle() -> None:
+    stream, _ = _transport.dumps([1, 2, 3])
+    assert stream == pickle.dumps([1, 2, 3], protocol=5)
