@@ -75,6 +75,13 @@ def main(
         code = EXIT_OK
     except BrokenPipeError:
         code = EXIT_PARENT_GONE
+    except BaseException:
+        # Our own code failed (the task closed our pipe, say): leave the parent the reason, as text,
+        # which it reports like a crash report.
+        try:
+            os.write(wfd, traceback.format_exc().encode("utf-8", "replace"))
+        except BaseException:
+            pass
     finally:
         os._exit(code)
 
@@ -114,6 +121,8 @@ def _run(
             value = fn(*args, **kwargs)
         except BaseException as exc:
             failure = exc
+    if memory_limit is not None:
+        _unlimit_memory()  # pickling the result must not fail for the task's limit
     if failure is None:
         return KIND_VALUE, (value, _warnings(log))
     if isinstance(failure, MemoryError) and memory_limit is not None:
@@ -231,9 +240,21 @@ def _limit_memory(limit: int) -> None:
 
     # RLIMIT_AS counts every mapping, including those inherited copy-on-write from the parent: the
     # limit is what the task may add on top of the address space it starts with.
+    # Only the soft limit: it is lifted again after the task, so that sending the result back does
+    # not count against the task's allowance.
     current = _address_space_size()
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
     cap = current + limit
-    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+
+
+def _unlimit_memory() -> None:
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
 
 
 def _address_space_size() -> int:

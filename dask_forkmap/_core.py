@@ -274,6 +274,7 @@ class Child:
                 self._timed_out()
 
     def _finish(self, reader: _transport.FrameReader) -> Any:
+        self._done = True
         kind = reader.kind()
         try:
             try:
@@ -401,13 +402,20 @@ def crash_error(pid: int, status: int | None, crash_text: str, task: str | None,
         how = "ended with an unknown status (was SIGCHLD set to SIG_IGN?)"
     elif exitcode == _child.EXIT_PARENT_GONE:
         how = "could not report back (its result pipe was closed)"
+    elif exitcode == _child.EXIT_INTERNAL:
+        how = (
+            f"exited with code {exitcode}: dask_forkmap's code in the child failed to report the outcome "
+            "(did the task close file descriptors it did not open?)"
+        )
     else:
         how = f"exited with code {exitcode} (os._exit or a C-level exit in the task)"
     message = f"the child running {what}(pid {pid}) {how} before sending a result"
     if limits.memory_limit is not None and signame in ("SIGKILL", "SIGABRT", "SIGSEGV"):
         message += f"; it ran under a memory limit of {limits.memory_limit} bytes, which it may have hit"
     stack = _trim_crash_text(crash_text) or None
-    if stack:
+    if stack and exitcode == _child.EXIT_INTERNAL:
+        message += "\n\n" + stack
+    elif stack:
         message += "\n\nPython stack at the crash site:\n" + stack
     return ChildCrashed(message, pid=pid, exitcode=exitcode, signal=signame, crash_stack=stack, task=task)
 

@@ -23,7 +23,10 @@ from procs import wait_gone
 from dask_forkmap import (
     ChildCrashed,
     ChildTraceback,
+    ExecutorShutdown,
+    ForkFailed,
     ForkMapError,
+    ForkUnavailable,
     MemoryLimitExceeded,
     ResultPicklingError,
     TaskError,
@@ -93,6 +96,13 @@ def raise_value_error() -> None:
     raise ValueError("bad value 17")
 
 
+def fork_a_grandchild_and_hang() -> None:
+    if os.fork() == 0:
+        time.sleep(600)
+        os._exit(0)
+    time.sleep(600)
+
+
 @dataclass
 class Case:
     task: Callable[[], Any]
@@ -127,6 +137,9 @@ CASES = {
         raise_system_exit, TaskInterrupted, {"exc_type": "SystemExit", "code": 4}, "SystemExit(4)"
     ),
     "deep recursion": Case(recurse, RecursionError, {}, "recursion"),
+    "a grandchild, then a timeout": Case(
+        with_limits(fork_a_grandchild_and_hang, timeout=0.5), TaskTimeoutError, {"timeout": 0.5}, "process group"
+    ),
     "ordinary exception": Case(raise_value_error, ValueError, {}, "bad value 17"),
 }
 
@@ -225,3 +238,39 @@ def test_all_errors_derive_from_forkmaperror() -> None:
         assert issubclass(cls, ForkMapError)
     assert issubclass(TaskTimeoutError, TimeoutError)
     assert issubclass(MemoryLimitExceeded, MemoryError)
+
+
+def test_a_task_that_closes_the_result_pipe_is_reported() -> None:
+    def close_everything() -> int:
+        os.closerange(3, 65536)
+        return 1
+
+    with pytest.raises(ChildCrashed, match=r"close file descriptors") as info:
+        fork_map(close_everything)
+    assert info.value.signal is None
+    assert fork_map(lambda: 2) == 2
+
+
+def test_memory_limit_does_not_block_sending_a_big_result() -> None:
+    # The task stays within 64 MiB; pickling and sending its 48 MiB result must not count against it.
+    assert len(fork_map(with_limits(lambda: bytes(48 * MiB), memory_limit="64 MiB"))) == 48 * MiB
+
+
+@pytest.mark.parametrize(
+    "err",
+    [
+        ForkFailed(12, "could not fork"),
+        ForkUnavailable("no fork here"),
+        ExecutorShutdown("after shutdown"),
+        TaskError("boom", type_name="x.Y", message="m", child_traceback="tb"),
+        ChildCrashed("crash", pid=1, exitcode=-11, signal="SIGSEGV", crash_stack="stack", task="k"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_every_error_pickles_with_its_fields(err: ForkMapError) -> None:
+    again = pickle.loads(pickle.dumps(err))
+    assert type(again) is type(err)
+    assert again.args == err.args
+    assert again.__dict__ == err.__dict__
+    if isinstance(err, OSError):
+        assert again.errno == err.errno
