@@ -23,5 +23,16 @@ dask.config.update_defaults(DEFAULTS)
 
 
 def get(key: str) -> Any:
-    """The current value of ``forkmap.<key>``."""
-    return dask.config.get(f"forkmap.{key}")
+    """The current value of ``forkmap.<key>``, or its shipped default.
+
+    The default matters where the configuration was replaced wholesale after import: a Nanny hands
+    its worker a snapshot of its own ``dask.config``, and test utilities restore an earlier one.
+    """
+    return dask.config.get(f"forkmap.{key}", default=_default(key))
+
+
+def _default(key: str) -> Any:
+    node: Any = DEFAULTS["forkmap"]
+    for part in key.split("."):
+        node = node[part]
+    return node

@@ -190,7 +190,25 @@ def spawn(
         _parent_fds.update(fd for fd in (rfd, shm_fd, pidfd) if fd >= 0)
     os.set_blocking(rfd, False)
     deadline = started + limits.timeout if limits.timeout is not None else None
-    return Child(pid, rfd, shm_fd, pidfd, limits, deadline, task or _describe_task(fn))
+    child = Child(pid, rfd, shm_fd, pidfd, limits, deadline, task or _describe_task(fn))
+    if limits.memory_limit is not None:
+        # To tell, if the child dies, whether it came near its memory limit.
+        child.rss_at_fork = _anonymous_rss()
+    return child
+
+
+def _anonymous_rss() -> int:
+    # A new child starts with the parent's anonymous pages resident (fork copies their page table
+    # entries) but not necessarily its file-backed ones: resident minus shared is its baseline.
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            fields = f.read().split()
+        return (int(fields[1]) - int(fields[2])) * _PAGE_SIZE
+    except OSError:  # pragma: no cover - no procfs
+        return 0
+
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 class Woken(Exception):
@@ -200,7 +218,7 @@ class Woken(Exception):
 class Child:
     """The parent's handle on one forked child; owned by one thread at a time."""
 
-    __slots__ = ("_done", "deadline", "limits", "pid", "pidfd", "rfd", "shm_fd", "task")
+    __slots__ = ("_done", "deadline", "limits", "pid", "pidfd", "rfd", "rss_at_fork", "shm_fd", "task")
 
     def __init__(
         self, pid: int, rfd: int, shm_fd: int, pidfd: int, limits: Limits, deadline: float | None, task: str
@@ -212,6 +230,7 @@ class Child:
         self.limits = limits
         self.deadline = deadline
         self.task = task
+        self.rss_at_fork = 0
         self._done = False
 
     def collect(self, wake_fd: int = -1) -> Any:
@@ -323,17 +342,23 @@ class Child:
         _close_ours(self.rfd, self.shm_fd)
         self.rfd = self.shm_fd = -1
 
-    def _reap_now(self) -> int | None:
-        """Kill what is left of the child's process group, wait for the child; its wait status."""
+    def _reap_now(self) -> tuple[int | None, int | None]:
+        """Kill what is left of the child's process group and wait for the child.
+
+        Returns its wait status and peak RSS in bytes (None when unknown).
+        """
         _killpg(self.pid)
+        status: int | None = None
+        peak: int | None = None
         try:
-            _, status = os.waitpid(self.pid, 0)
+            _, status, usage = os.wait4(self.pid, 0)
+            peak = usage.ru_maxrss * 1024
         except ChildProcessError:  # reaped by someone else (SIGCHLD set to SIG_IGN)
-            status = None
+            pass
         if self.pidfd >= 0:
             _close_ours(self.pidfd)
             self.pidfd = -1
-        return status
+        return status, peak
 
     def kill(self) -> None:
         """Kill the child and its process group, and reap it (blocking until it is gone)."""
@@ -346,8 +371,9 @@ class Child:
     def _crashed(self, reader: _transport.FrameReader) -> NoReturn:
         self._done = True
         self._release()
-        status = self._reap_now()
-        raise crash_error(self.pid, status, reader.text() if reader.not_a_frame else "", self.task, self.limits)
+        status, peak = self._reap_now()
+        grown = peak - self.rss_at_fork if peak is not None and self.rss_at_fork else None
+        raise crash_error(self.pid, status, reader.text() if reader.not_a_frame else "", self.task, self.limits, grown)
 
     def _timed_out(self) -> NoReturn:
         self.kill()
@@ -386,8 +412,13 @@ _SIGNAL_HINTS = {
 }
 
 
-def crash_error(pid: int, status: int | None, crash_text: str, task: str | None, limits: Limits) -> ChildCrashed:
-    """Build the :class:`ChildCrashed` for a child that ended without a frame."""
+def crash_error(
+    pid: int, status: int | None, crash_text: str, task: str | None, limits: Limits, grown: int | None = None
+) -> ChildCrashed:
+    """Build the :class:`ChildCrashed` for a child that ended without a frame.
+
+    ``grown`` is how much the child's resident memory grew beyond its parent's (None if unknown).
+    """
     exitcode: int | None = os.waitstatus_to_exitcode(status) if status is not None else None
     signame: str | None = None
     if exitcode is not None and exitcode < 0:
@@ -410,8 +441,11 @@ def crash_error(pid: int, status: int | None, crash_text: str, task: str | None,
     else:
         how = f"exited with code {exitcode} (os._exit or a C-level exit in the task)"
     message = f"the child running {what}(pid {pid}) {how} before sending a result"
-    if limits.memory_limit is not None and signame in ("SIGKILL", "SIGABRT", "SIGSEGV"):
-        message += f"; it ran under a memory limit of {limits.memory_limit} bytes, which it may have hit"
+    limit = limits.memory_limit
+    if limit is not None and signame in ("SIGKILL", "SIGABRT", "SIGSEGV") and (grown is None or grown >= limit // 2):
+        # Only when it came near the limit: ForkIsolation always sets one, and a plain segfault
+        # should not read as a memory problem.
+        message += f"; it ran under a memory limit of {limit} bytes, which it may have hit"
     stack = _trim_crash_text(crash_text) or None
     if stack and exitcode == _child.EXIT_INTERNAL:
         message += "\n\n" + stack

@@ -69,14 +69,15 @@ def raise_unpicklable() -> None:
     raise HoldsALock("carries a lock")
 
 
-class NeedsTwoArgs(Exception):
-    def __init__(self, path: str, code: int) -> None:
-        super().__init__(f"{path} failed with {code}")
-        self.path = path
-        self.code = code
-
-
 def raise_needs_args() -> None:
+    # Defined in the task, so that the class is pickled by value: a class that exists before
+    # distributed is imported gets tblib's reducer, which re-creates it without calling __init__.
+    class NeedsTwoArgs(Exception):
+        def __init__(self, path: str, code: int) -> None:
+            super().__init__(f"{path} failed with {code}")
+            self.path = path
+            self.code = code
+
     raise NeedsTwoArgs("/data/x", 7)
 
 
@@ -128,7 +129,9 @@ CASES = {
         raise_unpicklable, TaskError, {"type_name": f"{__name__}.HoldsALock", "message": "carries a lock"}
     ),
     "exception needing init args": Case(
-        raise_needs_args, TaskError, {"type_name": f"{__name__}.NeedsTwoArgs", "message": "/data/x failed with 7"}
+        raise_needs_args,
+        TaskError,
+        {"type_name": f"{__name__}.raise_needs_args.<locals>.NeedsTwoArgs", "message": "/data/x failed with 7"},
     ),
     "KeyboardInterrupt in the task": Case(
         raise_keyboard_interrupt, TaskInterrupted, {"exc_type": "KeyboardInterrupt", "code": None}
@@ -274,3 +277,34 @@ def test_every_error_pickles_with_its_fields(err: ForkMapError) -> None:
     assert again.__dict__ == err.__dict__
     if isinstance(err, OSError):
         assert again.errno == err.errno
+
+
+def test_a_crash_far_below_the_memory_limit_does_not_blame_it() -> None:
+    with pytest.raises(ChildCrashed) as info:
+        fork_map(with_limits(segfault, memory_limit="1 GiB"))
+    assert "memory limit" not in str(info.value)
+
+
+def test_a_crash_near_the_memory_limit_mentions_it() -> None:
+    def fill_then_abort() -> None:
+        block = bytearray(48 * MiB)
+        block[::4096] = b"x" * len(block[::4096])  # make it resident
+        os.abort()
+
+    with pytest.raises(ChildCrashed, match="memory limit of 67108864 bytes"):
+        fork_map(with_limits(fill_then_abort, memory_limit="64 MiB"))
+
+
+def test_defaults_survive_a_replaced_configuration() -> None:
+    import dask
+
+    from dask_forkmap import _config
+
+    saved = dict(dask.config.config)
+    try:
+        dask.config.config.pop("forkmap", None)  # as a Nanny's config snapshot may do
+        assert _config.get("timeout") is None
+        assert fork_map(lambda: 3) == 3
+    finally:
+        dask.config.config.clear()
+        dask.config.config.update(saved)

@@ -76,3 +76,21 @@ def test_config_sets_the_default_timeout() -> None:
     # with_limits wins over the configuration.
     with dask.config.set({"forkmap.timeout": 0.5}):
         assert fork_map(with_limits(lambda: "ok", timeout=30)) == "ok"
+
+
+def test_the_core_works_without_distributed() -> None:
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["distributed"] = None  # as if it were not installed
+        import dask_forkmap
+        assert dask_forkmap.fork_map(lambda: 6 * 7) == 42
+        try:
+            dask_forkmap.ForkIsolation
+        except ImportError:
+            print("ForkIsolation needs distributed")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ForkIsolation needs distributed"
