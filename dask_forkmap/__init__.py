@@ -22,6 +22,7 @@ from ._errors import (
 )
 from ._executor import ForkExecutor
 from ._limits import Limited, Limits, with_limits
+from ._scheduler import forkmap_get
 
 __all__ = [
     "ChildCrashed",
@@ -40,6 +41,7 @@ __all__ = [
     "TaskInterrupted",
     "TaskTimeoutError",
     "fork_map",
+    "forkmap_get",
     "with_limits",
 ]
 
