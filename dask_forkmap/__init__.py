@@ -5,6 +5,8 @@ Public names live here; the modules behind them are private.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ._core import fork_map
 from ._errors import (
     ChildCrashed,
@@ -51,3 +53,16 @@ try:
     __version__ = version("dask_forkmap")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
+
+# ForkIsolation needs distributed: it is imported only when asked for, so the rest works without it.
+if TYPE_CHECKING:
+    from ._plugin import ForkIsolation as ForkIsolation
+    from ._plugin import WorkerNotAvailable as WorkerNotAvailable
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("ForkIsolation", "WorkerNotAvailable"):
+        from . import _plugin
+
+        return getattr(_plugin, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

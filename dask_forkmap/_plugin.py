@@ -1,0 +1,484 @@
+"""``ForkIsolation``: a ``distributed`` worker plugin that runs each task in a forked child of the worker.
+
+How a task flows::
+
+    Worker.execute (event loop)                ForkIsolatedExecutor               child
+    ---------------------------                --------------------               -----
+    executors[name] is ours, not a
+    ThreadPoolExecutor, so it calls
+    loop.run_in_executor(e, _run_task_simple,
+                         run_spec, data, delay) --> submit(): look up the task's limits,
+                                                    ForkExecutor._submit() ---fork--> _run_task_simple(...)
+                                                                         <--frame---  the worker's msg dict
+    ExecuteSuccessEvent / ExecuteFailureEvent  <--  the child's msg, or a task-erred
+                                                    msg built here for a crash/timeout
+
+Why it is shaped this way:
+
+* The worker already knows how to run a task in an executor that is not a thread pool (it is how
+  ``ProcessPoolExecutor`` support works): it submits ``_run_task_simple``, which returns the message
+  the worker stores (result, ``nbytes``, ``type``, start/stop). Running that very function in the
+  child keeps the worker's bookkeeping untouched, and start/stop measure the task, not the fork.
+* Everything the machinery itself raises (a crash, a timeout) is turned into an ordinary task
+  failure message here, in the worker: the scheduler then sees a failed task, applies ``retries=``,
+  and never a dead worker, so there is no nanny restart and no ``KilledWorker``.
+* Forks happen on :class:`~dask_forkmap.ForkExecutor`'s long-lived slot threads, never on the event
+  loop thread, whose locks (the loop's, logging's, comms') a child could otherwise inherit held.
+* The executor's futures stay pending while a child runs, so when the worker cancels ``execute`` (it
+  does on close) the asyncio cancellation reaches the child and kills it.
+* The plugin keeps no per-worker state: what it replaced lives on the executor it installed. One
+  instance may be shared by several in-process workers (``LocalCluster(processes=False)``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import dask.config
+from distributed import Reschedule, WorkerPlugin
+from distributed.core import error_message
+from distributed.worker import _run_task_simple
+
+from ._config import DEFAULTS
+from ._errors import ChildCrashed, ForkMapError, MemoryLimitExceeded
+from ._executor import ForkExecutor
+from ._limits import Limited, Limits
+
+if TYPE_CHECKING:
+    from distributed import Worker
+
+__all__ = ["ForkIsolatedExecutor", "ForkIsolation", "WorkerNotAvailable"]
+
+# Tasks annotated with this executor run in the worker process even when every other task is isolated.
+IN_PROCESS = "in-process"
+# The annotation that carries per-task limits: dask.annotate(forkmap={"timeout": 60, "memory_limit": "2 GiB"})
+ANNOTATION = "forkmap"
+
+_WORKER_API = ("get_worker", "get_client", "secede", "worker_client")
+
+
+class WorkerNotAvailable(ForkMapError, RuntimeError):
+    """An isolated task called ``get_worker``, ``get_client``, ``secede`` or ``worker_client``.
+
+    There is no live worker in a forked child. It derives from :class:`RuntimeError`, not :class:`ValueError`: ``get_client()`` treats a
+    ``ValueError`` from ``get_worker()`` as "not on a worker" and would go on to reuse the worker
+    process's client, whose connections belong to the parent.
+    """
+
+
+def _ensure_defaults() -> None:
+    # A Nanny hands its worker a snapshot of its own dask.config, which replaces the worker's; if the
+    # nanny's process never imported dask_forkmap (or reset its config, as distributed's test
+    # utilities do) the forkmap defaults are missing. Fill in what is missing, override nothing.
+    dask.config.update(dask.config.config, DEFAULTS, priority="old")
+
+
+def _setting(key: str) -> Any:
+    return dask.config.get(f"forkmap.distributed.{key}")
+
+
+class ForkIsolation(WorkerPlugin):
+    """Run every task of every worker in a forked child of the worker.
+
+    The child reads the task's inputs from the worker's memory copy-on-write and pipes only the
+    result back; the worker stores it as usual. A task that segfaults, aborts, calls ``os._exit``
+    or is OOM-killed fails alone with :class:`~dask_forkmap.ChildCrashed`: the worker keeps running,
+    the nanny restarts nothing, and ``retries=`` applies as for any other failure.
+
+    Parameters
+    ----------
+    executor : str
+        Which worker executor becomes isolated. ``"default"`` isolates every task; the original
+        thread pool stays reachable as ``dask.annotate(executor="in-process")`` for tasks that need
+        the live worker. Any other name adds an executor of that name, and only tasks annotated
+        with ``dask.annotate(executor=name)`` are isolated.
+    timeout : float, optional
+        Per-task wall-clock limit in seconds; ``None``: ``forkmap.timeout``. On expiry the child's
+        process group is killed and the task fails with :class:`~dask_forkmap.TaskTimeoutError`.
+    memory_limit : int, str or None
+        New memory each task may allocate, e.g. ``"4 GiB"``. ``"auto"`` (the default) is
+        ``forkmap.memory-limit`` if set, else the worker's ``memory_limit`` divided by its thread
+        count, so that the children together stay within what the nanny allows the worker (whose
+        memory monitor cannot see them). ``None``: ``forkmap.memory-limit`` (unlimited by default).
+
+    Notes
+    -----
+    Per-task overrides: ``dask.annotate(forkmap={"timeout": 600, "memory_limit": "8 GiB"})``, or a
+    function wrapped with :func:`~dask_forkmap.with_limits`, which wins over the annotation.
+
+    The plugin is idempotent under its :attr:`name`: registering it again is a no-op. To change its
+    options on a running cluster, unregister it first.
+
+    Examples
+    --------
+    >>> client.register_plugin(ForkIsolation(timeout=300))  # doctest: +SKIP
+    >>> cluster = LocalCluster(plugins={ForkIsolation()})  # doctest: +SKIP
+    """
+
+    idempotent = True
+
+    def __init__(
+        self,
+        executor: str = "default",
+        *,
+        timeout: float | None = None,
+        memory_limit: int | str | None = "auto",
+    ) -> None:
+        if not isinstance(executor, str) or not executor:
+            raise TypeError(f"executor must be a non-empty str, not {executor!r}")
+        if executor in (IN_PROCESS, "offload", "actor"):
+            raise ValueError(f"executor {executor!r} is reserved by the worker or ForkIsolation; choose another name")
+        # Validate where the plugin is made, where a mistake is cheapest to see; "auto" is per worker.
+        Limits(timeout=timeout, memory_limit=None if memory_limit == "auto" else memory_limit)
+        self.executor = executor
+        self.timeout = timeout
+        self.memory_limit = memory_limit
+        self.name = "forkmap-isolation" if executor == "default" else f"forkmap-isolation-{executor}"
+
+    @classmethod
+    def from_config(cls) -> ForkIsolation:
+        """A plugin configured from ``forkmap.distributed.*`` (what the preload module installs)."""
+        _ensure_defaults()
+        return cls(_setting("executor"), timeout=_setting("timeout"), memory_limit=_setting("memory-limit"))
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(executor={self.executor!r}, timeout={self.timeout!r}, "
+            f"memory_limit={self.memory_limit!r})"
+        )
+
+    def _limits(self, worker: Worker) -> Limits:
+        memory_limit = self.memory_limit
+        if memory_limit == "auto":
+            memory_limit = dask.config.get("forkmap.memory-limit")
+            worker_limit = worker.memory_manager.memory_limit
+            if memory_limit is None and worker_limit:
+                memory_limit = max(1, int(worker_limit) // max(1, worker.state.nthreads))
+        return Limits(timeout=self.timeout, memory_limit=memory_limit)
+
+    def setup(self, worker: Worker) -> None:
+        """Put a :class:`ForkIsolatedExecutor` in place of (or next to) the worker's executor."""
+        _ensure_defaults()
+        current = worker.executors.get(self.executor)
+        if isinstance(current, ForkIsolatedExecutor):
+            raise ValueError(
+                f"the worker's {self.executor!r} executor is already isolated by another plugin "
+                f"({current.plugin_name!r}); unregister that one first"
+            )
+        fallback = current if current is not None else worker.executors["default"]
+        isolated = ForkIsolatedExecutor(
+            worker,
+            self._limits(worker),
+            replaced=current,
+            fallback=fallback,
+            plugin_name=self.name,
+            oom_score_adj=_setting("oom-score-adj"),
+        )
+        if self.executor == "default" and IN_PROCESS not in worker.executors:
+            worker.executors[IN_PROCESS] = fallback
+            isolated.added_in_process = True
+        worker.executors[self.executor] = isolated
+
+    async def teardown(self, worker: Worker) -> None:
+        """Restore the executor it replaced; kill and reap the children (their tasks are rescheduled)."""
+        isolated = worker.executors.get(self.executor)
+        if not isinstance(isolated, ForkIsolatedExecutor) or isolated.plugin_name != self.name:
+            return
+        if isolated.replaced is None:
+            del worker.executors[self.executor]
+        else:
+            worker.executors[self.executor] = isolated.replaced
+        if isolated.added_in_process and worker.executors.get(IN_PROCESS) is isolated.fallback:
+            del worker.executors[IN_PROCESS]
+        # Killing and reaping blocks until the children are gone: not on the event loop. A thread of its
+        # own, not the loop's default executor, so that nothing outlives the worker.
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def shutdown() -> None:
+            try:
+                isolated.shutdown()
+            finally:
+                loop.call_soon_threadsafe(_set_done, done)
+
+        threading.Thread(target=shutdown, name="Dask-Fork-Isolation-teardown", daemon=True).start()
+        await done
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class _Running:
+    __slots__ = ("fork_future", "start", "time_delay")
+
+    def __init__(self, fork_future: Future[Any], start: float, time_delay: float) -> None:
+        self.fork_future = fork_future
+        self.start = start
+        self.time_delay = time_delay
+
+
+class ForkIsolatedExecutor(Executor):
+    """The executor :class:`ForkIsolation` installs in a worker; not meant to be built by hand.
+
+    Tasks (calls of distributed's ``_run_task_simple``) run in forked children, at most ``nthreads``
+    at once. Anything else the worker submits (a disk benchmark, say) goes to ``fallback`` in process.
+    Its class name must not contain "ThreadPoolExecutor": the worker checks the name to decide how to
+    submit, and only the other path hands over a function that can run in another process.
+    """
+
+    def __init__(
+        self,
+        worker: Worker,
+        limits: Limits,
+        *,
+        replaced: Executor | None,
+        fallback: Executor,
+        plugin_name: str,
+        oom_score_adj: int | None = None,
+    ) -> None:
+        nthreads = worker.state.nthreads
+        self.replaced = replaced
+        self.fallback = fallback
+        self.plugin_name = plugin_name
+        self.added_in_process = False
+        self.limits = limits
+        self._worker = weakref.ref(worker)
+        self._oom_score_adj = oom_score_adj
+        self._forks = ForkExecutor(
+            nthreads, timeout=limits.timeout, memory_limit=limits.memory_limit, thread_name_prefix="Dask-Fork-Isolation"
+        )
+        self._lock = threading.Lock()
+        self._running: dict[Future[Any], _Running] = {}
+        self._closed = False
+
+    @property
+    def _max_workers(self) -> int:  # read by code that sizes work to an executor, as dask does
+        return self._forks.max_workers
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        """Run a task in a forked child; send anything else to the in-process fallback."""
+        if fn is not _run_task_simple or kwargs:
+            return self.fallback.submit(fn, *args, **kwargs)
+        run_spec, data, time_delay = args
+        key = getattr(run_spec, "key", None)
+        # Resolved here, not by ForkExecutor, because the child needs the memory limit to tell a task
+        # that hit it from one that raised MemoryError by itself.
+        limits = self._task_limits(run_spec, key).over(self.limits).over(Limits.from_config())
+        outer: Future[Any] = Future()
+        start = time.time()
+        with self._lock:
+            if self._closed:
+                # A task that slipped in between teardown and the worker seeing the old executor again.
+                outer.set_result(_reschedule_msg(start, time_delay))
+                return outer
+            inner = self._forks._submit(
+                _run_in_child,
+                (run_spec, data, time_delay, self._where(), self._oom_score_adj, limits.memory_limit),
+                {},
+                limits=limits,
+                task=f"task {key!r}" if key is not None else None,
+            )
+            self._running[outer] = _Running(inner, start, time_delay)
+        # The worker cancels the asyncio side of `outer` when it closes; that reaches the child here.
+        outer.add_done_callback(lambda f: inner.cancel() if f.cancelled() else None)
+        inner.add_done_callback(lambda f: self._finish(outer, f))
+        return outer
+
+    def _where(self) -> str:
+        worker = self._worker()
+        try:
+            return str(worker.address) if worker is not None else "(gone)"
+        except ValueError:  # not listening yet
+            return "(starting)"
+
+    def _task_limits(self, run_spec: Any, key: Any) -> Limits:
+        limits = Limits()
+        worker = self._worker()
+        ts = worker.state.tasks.get(key) if worker is not None and key is not None else None
+        spec = (ts.annotations or {}).get(ANNOTATION) if ts is not None else None
+        if isinstance(spec, dict):  # forkmap_get's True/False have no meaning here; executor= does that
+            limits = Limits(timeout=spec.get("timeout"), memory_limit=spec.get("memory_limit"))
+        func = getattr(run_spec, "func", None)
+        if isinstance(func, Limited):
+            limits = func.limits.over(limits)
+        return limits
+
+    def _finish(self, outer: Future[Any], inner: Future[Any]) -> None:
+        with self._lock:
+            running = self._running.pop(outer, None)
+        if running is None or inner.cancelled() or not outer.set_running_or_notify_cancel():
+            return
+        try:
+            exc = inner.exception()
+            if exc is None:
+                outer.set_result(inner.result())
+                return
+            # The child could not report (crash, timeout, unpicklable result): a failure of this task,
+            # timed from submission, as the worker would time a task that raised.
+            if isinstance(exc, ChildCrashed):
+                _trim_crash_stack(exc)
+            outer.set_result(_failure_msg(exc, running.start, time.time(), running.time_delay))
+        except BaseException as err:
+            # Never leave Worker.execute waiting on a future nobody will set; it fails the task.
+            outer.set_exception(err)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = True) -> None:
+        """Kill the children of running tasks, reschedule those tasks, and reap everything.
+
+        A task cut short this way is not failed: it is handed back to the scheduler, which runs it
+        again (on this worker with its restored executor, or elsewhere).
+        """
+        with self._lock:
+            self._closed = True
+            running = list(self._running.items())
+            self._running.clear()
+        now = time.time()
+        for outer, r in running:
+            if outer.set_running_or_notify_cancel():
+                outer.set_result(_reschedule_msg(now, r.time_delay))
+            r.fork_future.cancel()
+        self._forks.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
+def _trim_crash_stack(exc: ChildCrashed) -> None:
+    # faulthandler lists the innermost frame first; the last frames are the worker's way into the
+    # task (dask's Task.__call__, _run_task_simple, _run_in_child), which say nothing about the crash.
+    stack = exc.crash_stack
+    if not stack:
+        return
+    import dask._task_spec
+    import distributed.worker
+
+    machinery = {f'"{m.__file__}"' for m in (dask._task_spec, distributed.worker, sys.modules[__name__])}
+    lines = stack.splitlines()
+    while lines and lines[-1].startswith("  File ") and lines[-1].split(",")[0][7:] in machinery:
+        lines.pop()
+    trimmed = "\n".join(lines)
+    if trimmed != stack and exc.args:
+        exc.args = (str(exc.args[0]).replace(stack, trimmed), *exc.args[1:])
+        exc.crash_stack = trimmed
+
+
+def _failure_msg(exc: BaseException, start: float, stop: float, time_delay: float) -> dict[str, Any]:
+    # The traceback would only show dask_forkmap's machinery; the message says what happened.
+    msg: dict[str, Any] = dict(error_message(exc.with_traceback(None)))
+    msg.update(
+        op="task-erred",
+        actual_exception=exc,
+        start=start + time_delay,
+        stop=stop + time_delay,
+        thread=threading.get_ident(),
+    )
+    return msg
+
+
+def _reschedule_msg(now: float, time_delay: float) -> dict[str, Any]:
+    # Worker.execute turns a Reschedule "exception" into a RescheduleEvent, not a task failure.
+    return _failure_msg(Reschedule(), now, now, time_delay)
+
+
+# What runs in the child.
+
+
+def _run_in_child(
+    run_spec: Any,
+    data: dict[Any, Any],
+    time_delay: float,
+    address: str,
+    oom_score_adj: int | None,
+    memory_limit: int | None,
+) -> dict[str, Any]:
+    _detach_from_worker(address)
+    if oom_score_adj is not None:
+        _raise_oom_score(oom_score_adj)
+    msg: dict[str, Any] = dict(_run_task_simple(run_spec, data, time_delay))
+    if msg["op"] == "task-erred":
+        exc = msg["actual_exception"]
+        if memory_limit is not None and isinstance(exc, MemoryError) and not isinstance(exc, ForkMapError):
+            # _run_task_simple caught it before dask_forkmap's child code could tell what it was.
+            exc = MemoryLimitExceeded(
+                f"task {getattr(run_spec, 'key', '?')!r} needed more than its memory limit of {memory_limit} "
+                f"bytes ({type(exc).__name__}: {exc}); raise the limit (forkmap annotation, ForkIsolation's "
+                "memory_limit) or make the task use less",
+                pid=os.getpid(),
+                limit=memory_limit,
+                child_traceback=msg.get("traceback_text"),
+            )
+            replaced = error_message(exc)
+            msg.update(exception=replaced["exception"], exception_text=replaced["exception_text"])
+        # The error message is already made to cross processes; the raw exception may not be. The
+        # worker only checks its type (Reschedule), which the round-tripped copy keeps.
+        msg["actual_exception"] = _portable_exception(msg)
+    return msg
+
+
+def _portable_exception(msg: Any) -> BaseException:
+    import pickle
+
+    exc = msg["exception"].data
+    try:
+        restored = pickle.loads(exc) if isinstance(exc, (bytes, bytearray)) else exc
+    except Exception:
+        restored = None
+    if isinstance(restored, BaseException):
+        return restored
+    return Exception(msg.get("exception_text", "the task failed"))
+
+
+class _NoWorker:
+    """Stands in for distributed's ``_worker_cvar`` in a child, where there is no live worker."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    def get(self, *default: Any) -> NoReturn:
+        called = "get_worker"
+        frame = sys._getframe(1)
+        while frame is not None:
+            if frame.f_code.co_name in _WORKER_API and str(frame.f_globals.get("__name__", "")).startswith(
+                "distributed"
+            ):
+                called = frame.f_code.co_name
+            frame = frame.f_back  # type: ignore[assignment]
+        raise WorkerNotAvailable(
+            f"{called}() cannot work in this task: ForkIsolation runs it in a forked child of the worker at "
+            f"{self.address}, a copy of the worker's memory without its event loop, threads or connections, "
+            "so get_worker(), get_client(), secede() and worker_client() are unavailable here. Pass the task "
+            "what it needs as arguments and submit follow-up work from the client, or run this task in the "
+            "worker process with dask.annotate(executor='in-process')."
+        )
+
+    def set(self, value: Any) -> NoReturn:
+        self.get()
+
+    def reset(self, token: Any) -> None:
+        pass
+
+
+def _detach_from_worker(address: str) -> None:
+    # get_worker(), and through it get_client(), secede() and worker_client(), look up this module
+    # global on every call; replacing it here (only in the child) makes them all fail at once with a
+    # message instead of reaching for the parent's event loop and sockets, which no thread serves here.
+    import distributed.worker
+
+    distributed.worker._worker_cvar = _NoWorker(address)  # type: ignore[assignment]
+
+
+def _raise_oom_score(adj: int) -> None:
+    # Raising one's own oom_score_adj needs no privilege. Under memory pressure the kernel then kills a
+    # task's child, whose death is a clean task failure, rather than the worker or the nanny.
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(adj))
+    except OSError:
+        pass

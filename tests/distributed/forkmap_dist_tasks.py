@@ -1,0 +1,117 @@
+"""Tasks and worker probes for the distributed tests (workers import them: see test_cli's PYTHONPATH)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import time
+from typing import Any
+
+# Seconds for any single wait on a cluster: generous for a loaded 2-core CI machine, never unbounded.
+WAIT = 60
+
+_LEAKED: list[bytes] = []
+
+
+def pid(_: Any = None) -> int:
+    return os.getpid()
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def segfault(_: Any = None) -> None:
+    ctypes.string_at(0)
+
+
+def abort(_: Any = None) -> None:
+    os.abort()
+
+
+def hard_exit(_: Any = None) -> None:
+    os._exit(3)
+
+
+def leak(nbytes: int) -> int:
+    # Touch every page, then keep it: in the worker process this would stay resident for good.
+    block = bytearray(nbytes)
+    for i in range(0, nbytes, 4096):
+        block[i] = 1
+    _LEAKED.append(bytes(block))
+    return os.getpid()
+
+
+def crash_once(marker: str) -> str:
+    """Segfault on the first attempt, succeed on the next (the marker file tells them apart)."""
+    if not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write(str(os.getpid()))
+        ctypes.string_at(0)
+    return "ok"
+
+
+def sleep_and_report(seconds: float) -> tuple[int, float, float]:
+    start = time.monotonic()
+    time.sleep(seconds)
+    return os.getpid(), start, time.monotonic()
+
+
+def park(marker: str, worker_pid: int) -> int:
+    """Write our pid to ``marker``, then block forever if we are a forked child of ``worker_pid``.
+
+    Run in the worker process itself (after the plugin is gone, say) it returns at once.
+    """
+    me = os.getpid()
+    if me != worker_pid:
+        with open(marker + ".tmp", "w") as f:
+            f.write(str(me))
+        os.replace(marker + ".tmp", marker)
+        time.sleep(3600)
+    return me
+
+
+def mixed(i: int) -> int:
+    """The soak test's task: most succeed, some crash in different ways, some raise."""
+    kind = i % 10
+    if kind == 3:
+        ctypes.string_at(0)
+    if kind == 5:
+        raise ValueError(f"task {i} failed on purpose")
+    if kind == 7:
+        os._exit(7)
+    return i * 2
+
+
+# Probes, run on workers with Client.run.
+
+
+def rss(dask_worker: Any = None) -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def executor_type(dask_worker: Any) -> dict[str, str]:
+    return {name: type(e).__name__ for name, e in dask_worker.executors.items()}
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    """Wait until ``pid`` has exited (dead or zombie); False on timeout."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([pidfd], [], [], timeout)[0])
+    finally:
+        os.close(pidfd)
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2 :].split()[0] != b"Z"
