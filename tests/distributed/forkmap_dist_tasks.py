@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import select
 import time
 from typing import Any
 
@@ -94,18 +93,6 @@ def rss(dask_worker: Any = None) -> int:
 
 def executor_type(dask_worker: Any) -> dict[str, str]:
     return {name: type(e).__name__ for name, e in dask_worker.executors.items()}
-
-
-def wait_gone(pid: int, timeout: float) -> bool:
-    """Wait until ``pid`` has exited (dead or zombie); False on timeout."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return bool(select.select([pidfd], [], [], timeout)[0])
-    finally:
-        os.close(pidfd)
 
 
 def is_alive(pid: int) -> bool:

@@ -13,6 +13,7 @@ import forkmap_dist_tasks as t
 import pytest
 from distributed import Nanny, wait
 from distributed.utils_test import gen_cluster
+from procs import wait_gone
 
 from dask_forkmap import ChildCrashed, MemoryLimitExceeded, TaskTimeoutError, with_limits
 from dask_forkmap._plugin import ForkIsolation, WorkerNotAvailable
@@ -261,7 +262,7 @@ async def test_closing_a_worker_kills_its_children(c, s, a, b):
         child = await _read_pid_file(marker)
         assert t.is_alive(child)
         await a.close()
-        assert t.wait_gone(child, t.WAIT)
+        assert wait_gone(child, t.WAIT)
         # The task was not lost with its worker: it runs again on the other one (parked there too).
         await _read_pid_file_changed(marker, child)
         del parked
