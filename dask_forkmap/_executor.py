@@ -86,6 +86,8 @@ class _Slot:
         )
 
     def wake(self) -> None:
+        if self.wake_w < 0:  # closed: the slot has ended, and the number may belong to someone else
+            return
         try:
             os.write(self.wake_w, b"\0")
         except (BlockingIOError, OSError):
@@ -99,7 +101,9 @@ class _Slot:
             pass
 
     def close(self) -> None:
-        _core._close_ours(self.wake_r, self.wake_w)
+        wake_r, wake_w = self.wake_r, self.wake_w
+        self.wake_r = self.wake_w = -1
+        _core._close_ours(wake_r, wake_w)
 
 
 def _slot_loop(executor_ref: weakref.ref[ForkExecutor], work: queue.SimpleQueue[_WorkItem | None], slot: _Slot) -> None:
