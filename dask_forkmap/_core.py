@@ -455,13 +455,21 @@ def crash_error(
 
 
 _CHILD_FILE = _child.__file__
+# Files whose frames only lead into the task (a layer's wrapper, dask's Task.__call__): trailing
+# frames from them are dropped from crash stacks. Layers add theirs with register_wrappers().
+_wrapper_files: set[str] = set()
+
+
+def register_wrappers(*modules: Any) -> None:
+    """Drop frames of these modules from the outer end of crash stacks (they only call the task)."""
+    _wrapper_files.update(f'"{m.__file__}"' for m in modules)
 
 
 def _trim_crash_text(text: str) -> str:
     # faulthandler lists frames most recent first; from dask_forkmap's own child frame on, the stack
     # is our machinery and then the parent's stack at the time of the fork: neither is the task's.
     # It ends with a long list of loaded extension modules, which is no use in an error either.
-    lines = []
+    lines: list[str] = []
     skipping = False
     for line in text.strip().splitlines():
         if line.startswith("Extension modules:"):
@@ -473,6 +481,8 @@ def _trim_crash_text(text: str) -> str:
         else:
             skipping = False
         lines.append(line)
+    while lines and (not lines[-1].strip() or lines[-1][7:].split(",")[0] in _wrapper_files):
+        lines.pop()
     return "\n".join(lines).strip()
 
 

@@ -42,13 +42,14 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import TYPE_CHECKING, Any, NoReturn
 
-import dask.config
+import dask._task_spec
+import distributed.worker
 from distributed import Reschedule, WorkerPlugin
 from distributed.core import error_message
 from distributed.worker import _run_task_simple
 
-from ._config import DEFAULTS
-from ._errors import ChildCrashed, ForkMapError, MemoryLimitExceeded
+from . import _config, _core
+from ._errors import ForkMapError, MemoryLimitExceeded
 from ._executor import ForkExecutor
 from ._limits import Limited, Limits
 
@@ -56,6 +57,10 @@ if TYPE_CHECKING:
     from distributed import Worker
 
 __all__ = ["ForkIsolatedExecutor", "ForkIsolation", "WorkerNotAvailable"]
+
+# The worker's way into a task (Task.__call__, _run_task_simple, _run_in_child) says nothing about
+# a crash: crash stacks end at the task's own frame.
+_core.register_wrappers(dask._task_spec, distributed.worker, sys.modules[__name__])
 
 # Tasks annotated with this executor run in the worker process even when every other task is isolated.
 IN_PROCESS = "in-process"
@@ -74,15 +79,10 @@ class WorkerNotAvailable(ForkMapError, RuntimeError):
     """
 
 
-def _ensure_defaults() -> None:
-    # A Nanny hands its worker a snapshot of its own dask.config, which replaces the worker's; if the
-    # nanny's process never imported dask_forkmap (or reset its config, as distributed's test
-    # utilities do) the forkmap defaults are missing. Fill in what is missing, override nothing.
-    dask.config.update(dask.config.config, DEFAULTS, priority="old")
-
-
 def _setting(key: str) -> Any:
-    return dask.config.get(f"forkmap.distributed.{key}")
+    # Through _config, which falls back to the shipped defaults: a Nanny hands its worker a snapshot
+    # of its own dask.config, which may predate dask_forkmap's import.
+    return _config.get(f"distributed.{key}")
 
 
 class ForkIsolation(WorkerPlugin):
@@ -146,7 +146,6 @@ class ForkIsolation(WorkerPlugin):
     @classmethod
     def from_config(cls) -> ForkIsolation:
         """A plugin configured from ``forkmap.distributed.*`` (what the preload module installs)."""
-        _ensure_defaults()
         return cls(_setting("executor"), timeout=_setting("timeout"), memory_limit=_setting("memory-limit"))
 
     def __repr__(self) -> str:
@@ -158,7 +157,7 @@ class ForkIsolation(WorkerPlugin):
     def _limits(self, worker: Worker) -> Limits:
         memory_limit = self.memory_limit
         if memory_limit == "auto":
-            memory_limit = dask.config.get("forkmap.memory-limit")
+            memory_limit = _config.get("memory-limit")
             worker_limit = worker.memory_manager.memory_limit
             if memory_limit is None and worker_limit:
                 memory_limit = max(1, int(worker_limit) // max(1, worker.state.nthreads))
@@ -166,7 +165,6 @@ class ForkIsolation(WorkerPlugin):
 
     def setup(self, worker: Worker) -> None:
         """Put a :class:`ForkIsolatedExecutor` in place of (or next to) the worker's executor."""
-        _ensure_defaults()
         current = worker.executors.get(self.executor)
         if isinstance(current, ForkIsolatedExecutor):
             raise ValueError(
@@ -325,8 +323,6 @@ class ForkIsolatedExecutor(Executor):
                 return
             # The child could not report (crash, timeout, unpicklable result): a failure of this task,
             # timed from submission, as the worker would time a task that raised.
-            if isinstance(exc, ChildCrashed):
-                _trim_crash_stack(exc)
             outer.set_result(_failure_msg(exc, running.start, time.time(), running.time_delay))
         except BaseException as err:
             # Never leave Worker.execute waiting on a future nobody will set; it fails the task.
@@ -348,25 +344,6 @@ class ForkIsolatedExecutor(Executor):
                 outer.set_result(_reschedule_msg(now, r.time_delay))
             r.fork_future.cancel()
         self._forks.shutdown(wait=wait, cancel_futures=cancel_futures)
-
-
-def _trim_crash_stack(exc: ChildCrashed) -> None:
-    # faulthandler lists the innermost frame first; the last frames are the worker's way into the
-    # task (dask's Task.__call__, _run_task_simple, _run_in_child), which say nothing about the crash.
-    stack = exc.crash_stack
-    if not stack:
-        return
-    import dask._task_spec
-    import distributed.worker
-
-    machinery = {f'"{m.__file__}"' for m in (dask._task_spec, distributed.worker, sys.modules[__name__])}
-    lines = stack.splitlines()
-    while lines and lines[-1].startswith("  File ") and lines[-1].split(",")[0][7:] in machinery:
-        lines.pop()
-    trimmed = "\n".join(lines)
-    if trimmed != stack and exc.args:
-        exc.args = (str(exc.args[0]).replace(stack, trimmed), *exc.args[1:])
-        exc.crash_stack = trimmed
 
 
 def _failure_msg(exc: BaseException, start: float, stop: float, time_delay: float) -> dict[str, Any]:

@@ -37,6 +37,7 @@ import math
 import mmap
 import os
 import struct
+import sys
 import threading
 import time
 from collections import deque
@@ -59,12 +60,15 @@ from dask.core import literal
 from dask.local import get_async
 from dask.utils import key_split, parse_timedelta
 
-from . import _config
+from . import _config, _core
 from ._errors import ChildCrashed, ForkMapError, TaskTimeoutError
 from ._executor import ForkExecutor, available_cpus
 from ._limits import Limits
 
 __all__ = ["forkmap_get"]
+
+# Task.__call__ and _run_batch only lead into a task: crash stacks end at the task's own frame.
+_core.register_wrappers(sys.modules["dask._task_spec"], sys.modules[__name__])
 
 _NAME = "forkmap"
 _AUTO_MAX_CHUNK = 64  # ``chunksize: auto``: most tasks per child

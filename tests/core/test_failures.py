@@ -308,3 +308,29 @@ def test_defaults_survive_a_replaced_configuration() -> None:
     finally:
         dask.config.config.clear()
         dask.config.config.update(saved)
+
+
+def test_wrapper_frames_are_trimmed_from_the_outer_end_of_crash_stacks() -> None:
+    from types import SimpleNamespace
+
+    from dask_forkmap import _core
+
+    wrapper = SimpleNamespace(__file__="/lib/wrapper.py")
+    text = (
+        "Fatal Python error: Segmentation fault\n\nStack (most recent call first):\n"
+        '  File "/lib/ctypes.py", line 519 in string_at\n'
+        '  File "/app/task.py", line 3 in task\n'
+        '  File "/lib/wrapper.py", line 9 in call_task\n'
+        f'  File "{_core._CHILD_FILE}", line 1 in _run\n'
+        '  File "/app/parent.py", line 1 in <module>\n'
+        "\nExtension modules: numpy._core._multiarray_umath (total: 1)\n"
+    )
+    _core.register_wrappers(wrapper)
+    try:
+        trimmed = _core._trim_crash_text(text)
+    finally:
+        _core._wrapper_files.discard('"/lib/wrapper.py"')
+    assert trimmed.splitlines()[-1] == '  File "/app/task.py", line 3 in task'
+    assert "string_at" in trimmed
+    assert "parent.py" not in trimmed
+    assert "Extension modules" not in trimmed

@@ -289,6 +289,9 @@ def test_segfault_raises_child_crashed_then_next_compute_works():
         dask.compute(crash, *others, scheduler=forkmap_get, num_workers=2)
     assert info.value.signal == "SIGSEGV"
     assert info.value.task == "crashing-key"
+    # The stack ends at the task itself, not at dask's or the scheduler's way into it.
+    assert info.value.crash_stack is not None
+    assert info.value.crash_stack.splitlines()[-1].endswith(" in _segfault")
     # the blocked sibling was killed and reaped before compute raised (no_children_left checks)
     assert delayed(sum)([1, 2]).compute(scheduler=forkmap_get) == 3
 
