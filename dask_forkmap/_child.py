@@ -257,15 +257,24 @@ def _unlimit_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
 
 
-def _address_space_size() -> int:
+def statm() -> tuple[int, int, int] | None:
+    """This process's address-space size, resident and shared memory in bytes; None without procfs."""
     try:
         with open("/proc/self/statm", "rb") as f:
-            pages = int(f.read().split()[0])
-        return pages * os.sysconf("SC_PAGE_SIZE")
+            size, resident, shared = f.read().split()[:3]
     except OSError:  # pragma: no cover - no procfs
+        return None
+    page = os.sysconf("SC_PAGE_SIZE")
+    return int(size) * page, int(resident) * page, int(shared) * page
+
+
+def _address_space_size() -> int:
+    sizes = statm()
+    if sizes is None:  # pragma: no cover - no procfs
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return sizes[0]
 
 
 def _flush_stdio() -> None:

@@ -200,15 +200,8 @@ def spawn(
 def _anonymous_rss() -> int:
     # A new child starts with the parent's anonymous pages resident (fork copies their page table
     # entries) but not necessarily its file-backed ones: resident minus shared is its baseline.
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            fields = f.read().split()
-        return (int(fields[1]) - int(fields[2])) * _PAGE_SIZE
-    except OSError:  # pragma: no cover - no procfs
-        return 0
-
-
-_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+    sizes = _child.statm()
+    return sizes[1] - sizes[2] if sizes is not None else 0
 
 
 class Woken(Exception):

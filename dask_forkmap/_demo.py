@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ._child import statm
 from ._core import fork_map
 from ._errors import ChildCrashed, ForkMapError, MemoryLimitExceeded, TaskTimeoutError
 from ._executor import ForkExecutor
@@ -19,13 +20,12 @@ _leaked: list[bytearray] = []
 
 
 def _rss_mib() -> float:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MiB
-    except OSError:  # pragma: no cover - no procfs
+    sizes = statm()
+    if sizes is None:  # pragma: no cover - no procfs
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return sizes[1] / MiB
 
 
 def segfault() -> None:
