@@ -6,7 +6,8 @@ The child runs exactly one call (or one chunk of calls) and never returns into p
    ``killpg``, and a terminal's Ctrl-C reaches only the parent, which then kills us).
 2. Ask for SIGKILL when the forking thread dies (``PR_SET_PDEATHSIG``), then re-check the parent
    pid, since the parent may have died before the request took effect.
-3. Close the parent's descriptors for other children's channels, so that no sibling holds them.
+3. Close the parent's descriptors for other children's channels, so that no sibling holds them, and
+   unblock the signals that the forking thread (one of our own) left to the parent's main thread.
 4. Reseed numpy's legacy global random state (stdlib ``random`` reseeds itself at fork).
 5. Point faulthandler at the result pipe: a fatal signal leaves its Python stack there, for the
    parent's :class:`~dask_forkmap.ChildCrashed`.
@@ -62,11 +63,12 @@ def main(
     close_fds: Iterable[int],
     memory_limit: int | None,
     parent_pid: int,
+    sigmask: Iterable[int] | None = None,
 ) -> NoReturn:
     """Run ``fn(*args, **kwargs)`` in this freshly forked child and report to the parent."""
     code = EXIT_INTERNAL
     try:
-        _become_independent(parent_pid, close_fds)
+        _become_independent(parent_pid, close_fds, sigmask)
         faulthandler.enable(file=wfd, all_threads=False)
         kind, payload = _run(fn, args, kwargs, memory_limit)
         parts = _encode(kind, payload, shm_fd)
@@ -86,7 +88,7 @@ def main(
         os._exit(code)
 
 
-def _become_independent(parent_pid: int, close_fds: Iterable[int]) -> None:
+def _become_independent(parent_pid: int, close_fds: Iterable[int], sigmask: Iterable[int] | None) -> None:
     try:
         os.setpgid(0, 0)
     except OSError:  # pragma: no cover - the parent already did it
@@ -102,6 +104,10 @@ def _become_independent(parent_pid: int, close_fds: Iterable[int]) -> None:
             os.close(fd)
         except OSError:
             pass
+    if sigmask is not None:
+        import signal
+
+        signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
     np_random = sys.modules.get("numpy.random")
     if np_random is not None:
         # Only if numpy.random is already loaded: importing it costs more than the whole fork. Seeding

@@ -32,6 +32,11 @@ Why it is shaped this way:
 * Descriptors the parent holds for in-flight children are registered in ``_parent_fds`` and closed
   in each new child; registration and closing both happen under ``_fork_lock``, so the child never
   closes a number the user has since reused for a file of their own.
+* Our own threads (executor slots, the reaper) block process-directed signals (``QuietThread``).
+  The kernel hands such a signal to any thread that does not block it; taken by a thread asleep in
+  ``poll``, a Ctrl-C would leave the main thread asleep in a lock, its ``KeyboardInterrupt`` pending
+  until something else woke it. A child forked from such a thread gets the mask its thread started
+  with back, so it receives signals as the user's own code would.
 """
 
 from __future__ import annotations
@@ -72,6 +77,45 @@ _EXIT_POLL_S = 0.01
 
 _fork_lock = threading.Lock()
 _parent_fds: set[int] = set()
+
+# Everything but the signals the kernel raises for a faulting instruction (blocking those turns a
+# crash into a hang) and the two that cannot be blocked anyway.
+_ASYNC_SIGNALS = (
+    frozenset(signal.valid_signals())
+    - {
+        getattr(signal, name)
+        for name in ("SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGTRAP", "SIGSYS", "SIGABRT", "SIGKILL", "SIGSTOP")
+        if hasattr(signal, name)
+    }
+    if hasattr(signal, "pthread_sigmask")
+    else frozenset()
+)
+_thread_state = threading.local()
+
+
+class QuietThread(threading.Thread):
+    """One of our own threads: process-directed signals stay blocked in it from its first instruction.
+
+    The mask is set around ``start()``, so the new thread is born with it (setting it from inside
+    the thread would leave a window in which a Ctrl-C could land there). Children forked from the
+    thread get back the mask of the thread that started it.
+    """
+
+    _child_sigmask: set[int | signal.Signals] | None = None
+
+    def start(self) -> None:
+        if not _ASYNC_SIGNALS:
+            super().start()
+            return
+        mask = self._child_sigmask = signal.pthread_sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
+        try:
+            super().start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+    def run(self) -> None:
+        _thread_state.child_sigmask = self._child_sigmask
+        super().run()
 
 
 def _check_platform() -> None:
@@ -146,6 +190,7 @@ def spawn(
             if _HAS_MEMFD:
                 shm_fd = os.memfd_create("dask-forkmap-result", os.MFD_CLOEXEC)
             close_in_child = tuple(_parent_fds)
+            sigmask = getattr(_thread_state, "child_sigmask", None)
             parent_pid = os.getpid()
             _flush_stdio()
             started = time.monotonic()
@@ -172,6 +217,7 @@ def spawn(
                     close_fds=close_in_child,
                     memory_limit=limits.memory_limit,
                     parent_pid=parent_pid,
+                    sigmask=sigmask,
                 )
             finally:
                 os._exit(_child.EXIT_INTERNAL)
@@ -500,7 +546,7 @@ class _Reaper:
                 os.set_blocking(self._wake_r, False)
                 with _fork_lock:
                     _parent_fds.update((self._wake_r, self._wake_w))
-                self._thread = threading.Thread(target=self._run, name="dask-forkmap-reaper", daemon=True)
+                self._thread = QuietThread(target=self._run, name="dask-forkmap-reaper", daemon=True)
                 self._thread.start()
         try:
             os.write(self._wake_w, b"\0")

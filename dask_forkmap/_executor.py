@@ -78,7 +78,7 @@ class _Slot:
         os.set_blocking(self.wake_w, False)
         with _core._fork_lock:
             _core._parent_fds.update((self.wake_r, self.wake_w))
-        self.thread = threading.Thread(
+        self.thread = _core.QuietThread(
             target=_slot_loop,
             args=(weakref.ref(executor), executor._work, self),
             name=f"{executor._name}-{index}",
@@ -292,8 +292,13 @@ class ForkExecutor(Executor):
                 future.cancel()
         self._work.put(None)
         if wait:
+            me = threading.current_thread()
             for slot in slots:
-                slot.thread.join()
+                # Not alive: ended, or its start() was interrupted (Ctrl-C in submit) before it
+                # reported in; it then finds the sentinel and ends by itself. Not ourselves: a
+                # done-callback running on a slot may shut the executor down.
+                if slot.thread is not me and slot.thread.is_alive():
+                    slot.thread.join()
             _core._reaper.wait()
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:

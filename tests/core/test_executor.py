@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import select
+import signal
 import threading
 from concurrent.futures import CancelledError, wait
 from pathlib import Path
@@ -201,3 +202,24 @@ def test_dask_accepts_it_as_a_scheduler() -> None:
     with ForkExecutor(2) as ex:
         (total,) = dask.compute((x * 2).sum(), scheduler=ex)
     assert total == np.arange(1000).sum() * 2
+
+
+def _blocked_signals(status: str) -> set[int]:
+    """The signal numbers a /proc ``status`` file lists as blocked (SigBlk, bit n-1 is signal n)."""
+    with open(status) as f:
+        mask = int(next(line for line in f if line.startswith("SigBlk:")).split()[1], 16)
+    return {n for n in range(1, 65) if mask >> (n - 1) & 1}
+
+
+def test_slot_threads_leave_signals_to_the_main_thread() -> None:
+    # A Ctrl-C taken by a slot thread asleep in poll() would never wake a main thread asleep in
+    # Future.result(): slots block process-directed signals. Their children get the user's mask back.
+    main_mask = _blocked_signals("/proc/thread-self/status")
+    assert signal.SIGINT not in main_mask
+    with ForkExecutor(1, thread_name_prefix="sigmask-probe") as ex:
+        child_mask = ex.submit(_blocked_signals, "/proc/thread-self/status").result(timeout=60)
+        (slot,) = [t for t in threading.enumerate() if t.name.startswith("sigmask-probe")]
+        slot_mask = _blocked_signals(f"/proc/self/task/{slot.native_id}/status")
+    assert {signal.SIGINT, signal.SIGTERM, signal.SIGALRM, signal.SIGCHLD} <= slot_mask
+    assert signal.SIGSEGV not in slot_mask  # a fault in a blocked thread would hang, not crash
+    assert child_mask == main_mask

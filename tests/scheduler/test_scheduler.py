@@ -365,24 +365,41 @@ def test_keyboard_interrupt_leaves_no_child():
     # The parent's main thread gets SIGINT while children run; compute raises KeyboardInterrupt
     # and no_children_left checks that every child was killed and reaped.
     started = os.pipe()
+    handled = threading.Event()
+    main = threading.main_thread().ident
+    assert main == threading.get_ident()
 
     def block(i):
         os.write(started[1], b"x")
         threading.Event().wait()
 
+    def on_sigint(signum, frame):
+        if not handled.is_set():  # one KeyboardInterrupt, however many signals it took
+            handled.set()
+            raise KeyboardInterrupt
+
     def interrupt():
         os.read(started[0], 1)
-        os.kill(os.getpid(), signal.SIGINT)
+        # CPython only runs a signal handler when the main thread next checks for one: a signal
+        # that arrives just before it goes to sleep in a lock is seen when something else wakes it.
+        # Press Ctrl-C again, as a user would, until the handler has run.
+        for _ in range(30):
+            signal.pthread_kill(main, signal.SIGINT)
+            if handled.wait(timeout=2):
+                return
 
+    previous = signal.signal(signal.SIGINT, on_sigint)
     t = threading.Thread(target=interrupt)
     t.start()
     try:
         with pytest.raises(KeyboardInterrupt):
             dask.compute(*[delayed(block)(i) for i in range(4)], scheduler=forkmap_get, num_workers=2)
     finally:
-        t.join()
+        t.join(timeout=120)
+        signal.signal(signal.SIGINT, previous)
         os.close(started[0])
         os.close(started[1])
+    assert handled.is_set()
 
 
 def test_progressbar_output(capsys):
