@@ -10,7 +10,7 @@ executor's (or scheduler's) arguments, then ``dask.config`` (``forkmap.timeout``
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -21,6 +21,9 @@ from . import _config
 __all__ = ["Limited", "Limits", "with_limits"]
 
 R = TypeVar("R")
+
+# The annotation key read by forkmap_get and ForkIsolation: dask.annotate(forkmap=...).
+ANNOTATION = "forkmap"
 
 
 def _check_timeout(timeout: Any) -> float | None:
@@ -90,6 +93,32 @@ class Limits:
     def from_config(cls) -> Limits:
         """The defaults currently in ``dask.config``."""
         return cls(timeout=_config.get("timeout"), memory_limit=_config.get("memory-limit"))
+
+    @classmethod
+    def from_annotation(cls, value: Any, key: Any) -> Limits | None:
+        """The limits a task's ``forkmap`` annotation sets; None if it sets none.
+
+        The annotation is ``True`` (fork), ``False`` (run in process) or a dict of limits, which
+        implies forking. Anything else is refused rather than ignored, naming the task: a typo such
+        as ``memory-limit`` would otherwise leave the task without the limit it asked for.
+        """
+        if value is None or value is True or value is False:
+            return None
+        if not isinstance(value, Mapping):
+            raise TypeError(
+                f"the {ANNOTATION!r} annotation of task {key!r} must be True, False or a dict with "
+                f"'timeout' and/or 'memory_limit', not {value!r}"
+            )
+        unknown = set(value) - {"timeout", "memory_limit"}
+        if unknown:
+            raise ValueError(
+                f"the {ANNOTATION!r} annotation of task {key!r} has unknown keys {sorted(map(str, unknown))}; "
+                "the known ones are 'timeout' and 'memory_limit'"
+            )
+        try:
+            return cls(timeout=value.get("timeout"), memory_limit=value.get("memory_limit"))
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"the {ANNOTATION!r} annotation of task {key!r}: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ Why it is shaped this way:
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import os
 import sys
 import threading
@@ -46,12 +48,12 @@ import dask._task_spec
 import distributed.worker
 from distributed import Reschedule, WorkerPlugin
 from distributed.core import error_message
-from distributed.worker import _run_task_simple
+from distributed.worker import _run_task, _run_task_simple
 
 from . import _config, _core
 from ._errors import ForkMapError, MemoryLimitExceeded
 from ._executor import ForkExecutor
-from ._limits import Limited, Limits
+from ._limits import ANNOTATION, Limited, Limits
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -64,8 +66,6 @@ _core.register_wrappers(dask._task_spec, distributed.worker, sys.modules[__name_
 
 # Tasks annotated with this executor run in the worker process even when every other task is isolated.
 IN_PROCESS = "in-process"
-# The annotation that carries per-task limits: dask.annotate(forkmap={"timeout": 60, "memory_limit": "2 GiB"})
-ANNOTATION = "forkmap"
 
 _WORKER_API = ("get_worker", "get_client", "secede", "worker_client")
 
@@ -269,11 +269,31 @@ class ForkIsolatedExecutor(Executor):
             return self.fallback.submit(fn, *args, **kwargs)
         run_spec, data, time_delay = args
         key = getattr(run_spec, "key", None)
-        # Resolved here, not by ForkExecutor, because the child needs the memory limit to tell a task
-        # that hit it from one that raised MemoryError by itself.
-        limits = self._task_limits(run_spec, key).over(self.limits).over(Limits.from_config())
         outer: Future[Any] = Future()
         start = time.time()
+        annotation = self._annotation(key)
+        worker = self._worker()
+        if annotation is False and worker is not None and key is not None:
+            # dask.annotate(forkmap=False): this task runs in the worker itself, set up as the worker
+            # sets up tasks on its thread pool, so that get_worker() & co. work in it.
+            call = functools.partial(
+                _run_task,
+                run_spec,
+                data,
+                worker.execution_state,
+                key,
+                worker.active_threads,
+                worker.active_threads_lock,
+                time_delay,
+            )
+            return self.fallback.submit(contextvars.copy_context().run, call)
+        try:
+            # Resolved here, not by ForkExecutor, because the child needs the memory limit to tell a
+            # task that hit it from one that raised MemoryError by itself.
+            limits = self._task_limits(run_spec, annotation, key).over(self.limits).over(Limits.from_config())
+        except (TypeError, ValueError) as exc:  # a bad annotation fails its task, not the worker
+            outer.set_result(_failure_msg(exc, start, time.time(), time_delay))
+            return outer
         with self._lock:
             if self._closed:
                 # A task that slipped in between teardown and the worker seeing the old executor again.
@@ -299,13 +319,14 @@ class ForkIsolatedExecutor(Executor):
         except ValueError:  # not listening yet
             return "(starting)"
 
-    def _task_limits(self, run_spec: Any, key: Any) -> Limits:
-        limits = Limits()
+    def _annotation(self, key: Any) -> Any:
         worker = self._worker()
         ts = worker.state.tasks.get(key) if worker is not None and key is not None else None
-        spec = (ts.annotations or {}).get(ANNOTATION) if ts is not None else None
-        if isinstance(spec, dict):  # forkmap_get's True/False have no meaning here; executor= does that
-            limits = Limits(timeout=spec.get("timeout"), memory_limit=spec.get("memory_limit"))
+        return (ts.annotations or {}).get(ANNOTATION) if ts is not None else None
+
+    @staticmethod
+    def _task_limits(run_spec: Any, annotation: Any, key: Any) -> Limits:
+        limits = Limits.from_annotation(annotation, key) or Limits()
         func = getattr(run_spec, "func", None)
         if isinstance(func, Limited):
             limits = func.limits.over(limits)

@@ -63,7 +63,7 @@ from dask.utils import key_split, parse_timedelta
 from . import _config, _core
 from ._errors import ChildCrashed, ForkMapError, TaskTimeoutError
 from ._executor import ForkExecutor, available_cpus
-from ._limits import Limits
+from ._limits import ANNOTATION, Limits
 
 __all__ = ["forkmap_get"]
 
@@ -210,7 +210,7 @@ class _Run:
     def __init__(self, options: _Options, annotations: Mapping[str, Mapping[Any, Any]], rerun: bool) -> None:
         self.options = options
         self.rerun = rerun
-        self.annotations = annotations.get(_NAME, {})
+        self.annotations = annotations.get(ANNOTATION, {})
         self.executor = ForkExecutor(options.num_workers, thread_name_prefix="dask-forkmap-scheduler")
         # Re-entrant: a child may finish before add_done_callback, which then runs _done (and
         # _dispatch) at once, on the thread that is dispatching.
@@ -230,10 +230,11 @@ class _Run:
         ((key, (task, data), *_),) = args
         future: Future[list[_Outcome]] = Future()
         annotation = self.annotations.get(key)
+        limits = Limits.from_annotation(annotation, key)  # checks it, too
         if self._in_parent(task, annotation):
             future.set_result([self._run_here(key, task, data)])
             return future
-        item = _Pending(key, task, data, _annotated_limits(key, annotation), future)
+        item = _Pending(key, task, data, limits, future)
         if isinstance(task, Task) and task.func is _execute_subgraph:
             item.split = self._split(task)
             if item.split is not None and not item.split[1]:  # nothing for a child to compute first
@@ -248,8 +249,6 @@ class _Run:
     def _in_parent(self, task: GraphNode, annotation: Any) -> bool:
         if annotation is False:
             return True
-        if annotation is not None and annotation is not True and not isinstance(annotation, Mapping):
-            raise TypeError(f"the {_NAME!r} annotation must be True, False or a dict of limits, not {annotation!r}")
         if isinstance(task, (Alias, DataNode)):
             return self.options.inline and annotation is None
         if not isinstance(task, Task):
@@ -425,15 +424,6 @@ class _Run:
         self.executor.shutdown(wait=failed, cancel_futures=True)
 
 
-def _annotated_limits(key: Any, annotation: Any) -> Limits | None:
-    if not isinstance(annotation, Mapping):
-        return None
-    unknown = set(annotation) - {"timeout", "memory_limit"}
-    if unknown:
-        raise ValueError(f"unknown keys in the {_NAME!r} annotation of {key!r}: {sorted(unknown)}")
-    return Limits(timeout=annotation.get("timeout"), memory_limit=annotation.get("memory_limit"))
-
-
 def _batch_name(first_key: Any, batch_size: int) -> str:
     return f"{first_key} (one of a batch of {batch_size} tasks)"
 
@@ -459,12 +449,12 @@ def _annotations(dsk: Any) -> Mapping[str, Mapping[Any, Any]]:
         return {}
     ours: dict[Any, Any] = {}
     for layer in layers.values():
-        value = (getattr(layer, "annotations", None) or {}).get(_NAME, _UNSET)
+        value = (getattr(layer, "annotations", None) or {}).get(ANNOTATION, _UNSET)
         if value is _UNSET:
             continue
         for key in layer:
             ours[key] = value(key) if callable(value) else value
-    return {_NAME: ours} if ours else {}
+    return {ANNOTATION: ours} if ours else {}
 
 
 _UNSET = object()

@@ -165,6 +165,29 @@ async def test_timeout_and_memory_limit_by_annotation(c, s, a, b):
 
 
 @gen_cluster(**NANNIES)
+async def test_forkmap_annotation_as_in_forkmap_get(c, s, a, b):
+    # The same annotations mean the same on a cluster: False runs the task in the worker process,
+    # with the worker API working; True forks; a typo fails its task, naming it, and nothing else.
+    from distributed import get_worker
+
+    await c.register_plugin(ForkIsolation())
+    workers = set((await _worker_pids(c)).values())
+    with dask.annotate(forkmap=False):
+        here = c.submit(lambda: (os.getpid(), get_worker().address), pure=False, key="here")
+    with dask.annotate(forkmap=True):
+        there = c.submit(t.pid, 0, pure=False)
+    with dask.annotate(forkmap={"memory-limit": "1 GiB"}):
+        typo = c.submit(t.pid, 1, pure=False, key="typo")
+    pid, address = await here.result(timeout=t.WAIT)
+    assert pid in workers
+    assert address in s.workers
+    assert await there.result(timeout=t.WAIT) not in workers
+    with pytest.raises(ValueError, match=r"annotation of task 'typo' has unknown keys \['memory-limit'\]"):
+        await typo.result(timeout=t.WAIT)
+    assert set((await _worker_pids(c)).values()) == workers
+
+
+@gen_cluster(**NANNIES)
 async def test_named_executor_isolates_only_annotated_tasks(c, s, a, b):
     await c.register_plugin(ForkIsolation("fork"))
     workers = set((await _worker_pids(c)).values())

@@ -212,10 +212,19 @@ def test_annotation_timeout():
         slow.compute(scheduler=forkmap_get)
 
 
-def test_annotation_rejects_nonsense():
-    with dask.annotate(forkmap={"timeut": 1}):
+@pytest.mark.parametrize(
+    ("annotation", "error", "match"),
+    [
+        ({"timeut": 1}, ValueError, r"task 'x' has unknown keys \['timeut'\]"),
+        ({"memory-limit": "1 GiB"}, ValueError, r"unknown keys \['memory-limit'\]"),
+        ({"timeout": -1}, ValueError, r"annotation of task 'x': timeout must be a positive"),
+        ("yes", TypeError, r"task 'x' must be True, False or a dict"),
+    ],
+)
+def test_annotation_rejects_nonsense(annotation, error, match):
+    with dask.annotate(forkmap=annotation):
         x = delayed(int)(1, dask_key_name="x")
-    with pytest.raises(ValueError, match="timeut"):
+    with pytest.raises(error, match=match):
         x.compute(scheduler=forkmap_get)
 
 
