@@ -1,10 +1,8 @@
-"""``python -m dask_forkmap``: run the demo."""
+"""``python -m dask_forkmap``: the same commands as ``dask forkmap`` (``demo``, ``bench``)."""
 
 from __future__ import annotations
 
-import sys
-
-from ._demo import main
+from ._cli import forkmap
 
 if __name__ == "__main__":
-    sys.exit(main())
+    forkmap(prog_name="python -m dask_forkmap")
