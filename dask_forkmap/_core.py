@@ -609,6 +609,23 @@ def _after_fork_in_child() -> None:
     _fork_lock = threading.Lock()
     _parent_fds.clear()
     _reaper = _Reaper()
+    _forget_dask_thread_pools()
+
+
+def _forget_dask_thread_pools() -> None:
+    """Let dask's threaded scheduler start afresh in a child.
+
+    It keeps its thread pools in module globals; a child inherits the pool objects but not their
+    threads, so a task that calls ``.compute()`` with the threads scheduler would queue its work
+    on a pool nobody serves and hang. The pools' lock may also have been held at the fork.
+    """
+    threaded = sys.modules.get("dask.threaded")
+    if threaded is None or not hasattr(threaded, "pools"):
+        return
+    threaded.default_pool = None
+    threaded.pools = type(threaded.pools)(dict)
+    threaded.pools_lock = threading.Lock()
+
 
 
 if HAS_FORK:

@@ -113,3 +113,13 @@ def test_nested_fork_map(n: int) -> None:
         return [fork_map(lambda i=i: os.getpid() * 0 + i) for i in range(n)]
 
     assert fork_map(outer) == list(range(n))
+
+
+def test_a_task_can_use_the_threads_scheduler_the_parent_used() -> None:
+    # The child inherits dask's thread pool objects but not their threads; without the reset in the
+    # after-fork hook this compute would wait forever (bounded here by the child's timeout).
+    total = dask.delayed(sum)([1, 2, 3])
+    assert total.compute(scheduler="threads") == 6
+    assert total.compute(scheduler="threads", num_workers=2) == 6
+    assert fork_map(with_limits(lambda: total.compute(scheduler="threads"), timeout=60)) == 6
+    assert fork_map(with_limits(lambda: total.compute(scheduler="threads", num_workers=2), timeout=60)) == 6
