@@ -627,7 +627,6 @@ def _forget_dask_thread_pools() -> None:
     threaded.pools_lock = threading.Lock()
 
 
-
 if HAS_FORK:
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
@@ -641,14 +640,21 @@ def fork_map(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
     through shared memory, without a copy in the parent. Whatever the call leaks, corrupts or
     mutates dies with the child.
 
-    Limits (a timeout, a memory limit) come from :func:`with_limits` or ``dask.config``
-    (``forkmap.timeout``, ``forkmap.memory-limit``), never from keyword arguments, which all go to
-    ``fn``.
+    Parameters
+    ----------
+    fn : callable
+        The function to run in the child; a :class:`Limited` (from :func:`with_limits`) brings its
+        limits along.
+    *args, **kwargs
+        Passed to ``fn``, all of them: limits (a timeout, a memory limit) come from
+        :func:`with_limits` or ``dask.config`` (``forkmap.timeout``, ``forkmap.memory-limit``),
+        never from keyword arguments.
 
-    >>> from dask_forkmap import fork_map
-    >>> value = 4
-    >>> fork_map(lambda: value * 10)
-    40
+    Returns
+    -------
+    object
+        What ``fn`` returned, unpickled in the parent. The call returns as soon as the result has
+        arrived; the child's exit is reaped in the background.
 
     Raises
     ------
@@ -656,9 +662,31 @@ def fork_map(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         Whatever ``fn`` raised, with its original type and the child's traceback as ``__cause__``.
     ChildCrashed
         The child died without a result (segfault, abort, ``os._exit``, OOM kill).
-    TaskTimeoutError, MemoryLimitExceeded, TaskInterrupted, ResultPicklingError, ResultUnpicklingError,
-    TaskError, ForkFailed, ForkUnavailable
-        See :ref:`failures`.
+    TaskTimeoutError
+        The task ran past its timeout.
+    MemoryLimitExceeded
+        The task tried to allocate past its memory limit.
+    TaskInterrupted
+        The task raised ``KeyboardInterrupt`` or ``SystemExit``, which end the child only.
+    TaskError
+        The task's exception could not be re-created in the parent.
+    ResultPicklingError, ResultUnpicklingError
+        The result could not be pickled in the child, or unpickled in the parent.
+    ForkFailed, ForkUnavailable
+        No child could be forked. All of these are listed in :ref:`failures`.
+    KeyboardInterrupt
+        Ctrl-C while waiting: the child and its process group are killed and reaped first.
+
+    See Also
+    --------
+    ForkExecutor : many calls, several children at once.
+
+    Examples
+    --------
+    >>> from dask_forkmap import fork_map
+    >>> value = 4
+    >>> fork_map(lambda: value * 10)
+    40
     """
     child = spawn(fn, args, kwargs, Limits.from_config())
     result: R = child.collect()

@@ -42,7 +42,17 @@ def _restore(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, A
 
 
 class ForkMapError(Exception):
-    """Base class of every error raised by dask_forkmap's own machinery."""
+    """Base class of every error raised by dask_forkmap's own machinery.
+
+    A task's own exception is never wrapped in it: that is re-raised with its original type. Catch
+    ``ForkMapError`` to handle every failure of the fork machinery (a crash, a timeout, a result
+    that cannot travel) in one place.
+
+    Notes
+    -----
+    Every subclass pickles with its attributes, so these errors can cross a process boundary again,
+    as they do under ``distributed``.
+    """
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _restore, (type(self), self.args, dict(self.__dict__))
@@ -52,7 +62,13 @@ class ChildTraceback(Exception):
     """The formatted traceback of an exception raised in a forked child.
 
     Attached as ``__cause__`` to exceptions re-raised in the parent, so the report shows where in the
-    child the error happened, the way :mod:`concurrent.futures` reports worker tracebacks.
+    child the error happened, the way :mod:`concurrent.futures` reports worker tracebacks. It is not
+    raised on its own, and it is not a :class:`ForkMapError`.
+
+    Attributes
+    ----------
+    text : str
+        The traceback as the child formatted it.
     """
 
     def __init__(self, text: str) -> None:
@@ -64,19 +80,40 @@ class ChildTraceback(Exception):
 
 
 class ForkUnavailable(ForkMapError, RuntimeError):
-    """This platform has no usable ``os.fork`` (Windows, WebAssembly)."""
+    """This platform has no usable ``os.fork`` (Windows, WebAssembly).
+
+    Importing dask_forkmap works everywhere; running anything in a child raises this error instead:
+    :func:`~dask_forkmap.fork_map`, creating a :class:`~dask_forkmap.ForkExecutor`, computing with
+    :func:`~dask_forkmap.forkmap_get`, and setting up :class:`~dask_forkmap.ForkIsolation` on a
+    worker. Use dask's threads or processes scheduler on such a platform.
+    """
 
 
 class ForkFailed(ForkMapError, OSError):
-    """``fork()`` itself failed, usually for lack of memory or process slots."""
+    """``fork()`` itself failed, usually for lack of memory or process slots.
+
+    Nothing ran: the task was never started.
+
+    Attributes
+    ----------
+    errno : int
+        The error number ``fork()`` failed with (``EAGAIN``, ``ENOMEM``), as on any :class:`OSError`.
+    """
 
 
 class ExecutorShutdown(ForkMapError, RuntimeError):
-    """Work was submitted to a :class:`~dask_forkmap.ForkExecutor` after ``shutdown()``."""
+    """Work was submitted to a :class:`~dask_forkmap.ForkExecutor` after ``shutdown()``.
+
+    An executor that was shut down (explicitly, or by leaving its ``with`` block) takes no more
+    work; create a new one.
+    """
 
 
 class ChildCrashed(ForkMapError):
     """The child ended without sending a result: a fatal signal, ``os._exit``, or the OOM killer.
+
+    The message names the signal or exit code and its usual cause; when the memory limit may be the
+    reason (C code that aborts on a failed allocation), it says so.
 
     Attributes
     ----------
@@ -90,6 +127,16 @@ class ChildCrashed(ForkMapError):
         The Python stack at the crash site, when a fatal signal hit the child inside Python code.
     task : str or None
         What was running, when the caller knows (a Dask key, a function name).
+
+    Examples
+    --------
+    >>> import os
+    >>> from dask_forkmap import ChildCrashed, fork_map
+    >>> try:
+    ...     fork_map(os._exit, 3)
+    ... except ChildCrashed as exc:
+    ...     print(exc.exitcode, exc.signal)
+    3 None
     """
 
     pid: int
@@ -117,7 +164,20 @@ class ChildCrashed(ForkMapError):
 
 
 class TaskTimeoutError(ForkMapError, TimeoutError):
-    """The task ran longer than its timeout; its child's process group was killed."""
+    """The task ran longer than its timeout; its child's process group was killed.
+
+    Also a :class:`TimeoutError`. The timeout is counted from the fork; grandchildren the task
+    started are killed with the child, unless they left its process group.
+
+    Attributes
+    ----------
+    pid : int
+        The child's process id.
+    timeout : float
+        The timeout that expired, in seconds.
+    task : str or None
+        What was running, when the caller knows (a Dask key, a function name).
+    """
 
     pid: int
     timeout: float
@@ -131,7 +191,20 @@ class TaskTimeoutError(ForkMapError, TimeoutError):
 
 
 class MemoryLimitExceeded(ForkMapError, MemoryError):
-    """The task tried to allocate more than its memory limit allowed."""
+    """The task tried to allocate more than its memory limit allowed.
+
+    Also a :class:`MemoryError`. Raised when the task's allocation failed with a
+    :class:`MemoryError` in the child; C code that aborts instead shows up as :class:`ChildCrashed`.
+
+    Attributes
+    ----------
+    pid : int
+        The child's process id.
+    limit : int
+        The limit in bytes: what the task could allocate on top of what it inherited.
+    child_traceback : str or None
+        Where the allocation failed, formatted in the child.
+    """
 
     pid: int
     limit: int
@@ -145,7 +218,18 @@ class MemoryLimitExceeded(ForkMapError, MemoryError):
 
 
 class ResultPicklingError(ForkMapError):
-    """The task's result could not be pickled in the child, so it cannot be sent back."""
+    """The task's result could not be pickled in the child, so it cannot be sent back.
+
+    Plain :mod:`pickle` was tried first, then cloudpickle. Return plain data instead (a lock, an open
+    file or a generator cannot leave the child).
+
+    Attributes
+    ----------
+    type_name : str
+        The qualified name of the result's type.
+    reason : str
+        The pickling error, as ``"TypeName: message"``.
+    """
 
     type_name: str
     reason: str
@@ -157,7 +241,18 @@ class ResultPicklingError(ForkMapError):
 
 
 class ResultUnpicklingError(ForkMapError):
-    """The child sent a result that the parent could not unpickle."""
+    """The child sent a result that the parent could not unpickle.
+
+    Typically the result's class was defined or imported only in the child, or its ``__reduce__``
+    fails here. Return types the parent can import.
+
+    Attributes
+    ----------
+    type_name : str or None
+        The qualified name of the result's type, when known.
+    reason : str
+        The unpickling error, as ``"TypeName: message"``.
+    """
 
     type_name: str | None
     reason: str
@@ -172,7 +267,17 @@ class TaskError(ForkMapError):
     """The task raised an exception that could not be re-created in the parent.
 
     Raised instead of the original when the exception cannot be pickled, or when unpickling it
-    fails (typically a class whose ``__init__`` needs arguments that ``args`` does not hold).
+    fails (typically a class whose ``__init__`` needs arguments that ``args`` does not hold). Its
+    ``__cause__`` is the child's traceback (:class:`ChildTraceback`).
+
+    Attributes
+    ----------
+    type_name : str
+        The qualified name of the task's exception class, e.g. ``"mymodule.ParseError"``.
+    message : str
+        ``str()`` of the task's exception.
+    child_traceback : str
+        The task's traceback, formatted in the child.
     """
 
     type_name: str
@@ -189,7 +294,18 @@ class TaskError(ForkMapError):
 class TaskInterrupted(ForkMapError):
     """The task raised ``KeyboardInterrupt`` or ``SystemExit``.
 
-    They end the child, never the parent: the parent gets this error instead.
+    They end the child, never the parent: the parent gets this error instead. (A Ctrl-C in the
+    parent while it waits is different: it kills the child and the ``KeyboardInterrupt`` propagates
+    in the parent.)
+
+    Attributes
+    ----------
+    exc_type : str
+        ``"KeyboardInterrupt"`` or ``"SystemExit"``.
+    code : object
+        ``SystemExit.code`` (``None`` for ``KeyboardInterrupt``).
+    child_traceback : str
+        The task's traceback, formatted in the child.
     """
 
     exc_type: str

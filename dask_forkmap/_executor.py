@@ -174,19 +174,45 @@ class ForkExecutor(Executor):
     ----------
     max_workers : int, optional
         Most children alive at once; default: the CPUs this process may use.
-    timeout, memory_limit : optional
-        Default :class:`~dask_forkmap.Limits` for every task (``with_limits`` on a task overrides
-        them; unset values fall back to ``dask.config``).
-    thread_name_prefix : str
+    timeout : float, optional
+        Default wall-clock limit of every task, in seconds (see :class:`~dask_forkmap.Limits`).
+    memory_limit : int or str, optional
+        Default memory limit of every task, e.g. ``"2 GiB"``. ``with_limits`` on a task overrides
+        both defaults; unset values fall back to ``dask.config``.
+    thread_name_prefix : str, default "dask-forkmap"
         Name of the slot threads that fork and wait for the children.
+
+    Raises
+    ------
+    ForkUnavailable
+        The platform has no ``os.fork``.
+    TypeError, ValueError
+        ``max_workers`` is not a positive int, or a limit is invalid.
+
+    See Also
+    --------
+    fork_map : one call, one child, no executor.
 
     Notes
     -----
     ``Future.cancel()`` also works on a running task: it kills the child and its process group.
+    Futures therefore stay pending while their child runs, so ``Future.running()`` says nothing.
     ``shutdown(cancel_futures=True)`` cancels everything that is left, queued or running, and the
     context manager does so when its block raises (a ``KeyboardInterrupt`` included).
 
+    Children are forked by the executor's own long-lived slot threads, never by the thread that calls
+    ``submit``. It is safe to submit from many threads.
+
     Works as a Dask scheduler: ``dask.compute(x, scheduler=ForkExecutor(2))``.
+
+    Examples
+    --------
+    >>> from dask_forkmap import ForkExecutor
+    >>> with ForkExecutor(max_workers=2) as ex:
+    ...     print(ex.submit(pow, 2, 10).result())
+    ...     print(list(ex.map(abs, [-1, -2, -3], chunksize=2)))
+    1024
+    [1, 2, 3]
     """
 
     def __init__(
@@ -217,11 +243,35 @@ class ForkExecutor(Executor):
 
     @property
     def max_workers(self) -> int:
-        """Most children alive at once."""
+        """Most children alive at once.
+
+        Returns
+        -------
+        int
+        """
         return self._max_workers
 
     def submit(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> Future[R]:
-        """Run ``fn(*args, **kwargs)`` in a forked child; limits via :func:`with_limits`."""
+        """Run ``fn(*args, **kwargs)`` in a forked child.
+
+        Parameters
+        ----------
+        fn : callable
+            The task. Wrap it with :func:`~dask_forkmap.with_limits` for limits of its own.
+        *args, **kwargs
+            Passed to ``fn``, all of them.
+
+        Returns
+        -------
+        concurrent.futures.Future
+            Resolves to ``fn``'s result, or to the error :func:`~dask_forkmap.fork_map` would raise.
+            Cancelling it kills the child if it is already running.
+
+        Raises
+        ------
+        ExecutorShutdown
+            The executor was shut down.
+        """
         return self._submit(fn, args, kwargs)
 
     def _submit(
@@ -262,11 +312,33 @@ class ForkExecutor(Executor):
         timeout: float | None = None,
         chunksize: int = 1,
     ) -> Iterator[R]:
-        """Like :meth:`Executor.map`; ``chunksize`` items run in each child, in order.
+        """Like :meth:`concurrent.futures.Executor.map`, with ``chunksize`` calls in each child.
 
-        Chunks amortize the fork: one child per ``chunksize`` calls. A limit set with
-        :func:`with_limits` applies to each chunk's child as a whole. ``timeout`` is the overall
-        wait, as in :meth:`concurrent.futures.Executor.map`.
+        Parameters
+        ----------
+        fn : callable
+            Called once per item, as ``fn(*items)``.
+        *iterables : iterable
+            Consumed together, stopping at the shortest.
+        timeout : float, optional
+            The overall wait in seconds, as in :meth:`concurrent.futures.Executor.map`; not a limit
+            of the tasks (use :func:`~dask_forkmap.with_limits` for that).
+        chunksize : int, default 1
+            Consecutive calls one child makes. Chunks amortize the fork over many small items; a
+            limit set with :func:`~dask_forkmap.with_limits` applies to each chunk's child as a
+            whole.
+
+        Returns
+        -------
+        iterator
+            The results, in order. An error is raised when iteration reaches its item.
+
+        Raises
+        ------
+        ValueError
+            ``chunksize`` is not a positive int.
+        ExecutorShutdown
+            The executor was shut down.
         """
         if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError(f"chunksize must be a positive int, not {chunksize!r}")
@@ -280,9 +352,12 @@ class ForkExecutor(Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work; optionally wait, and optionally cancel what is left.
 
-        With ``cancel_futures=True`` queued tasks are cancelled and running children are killed with
-        their process groups. With ``wait=True`` this returns once every child is gone, reaped
-        included.
+        Parameters
+        ----------
+        wait : bool, default True
+            Return only once every child is gone, reaped included.
+        cancel_futures : bool, default False
+            Cancel queued tasks and kill running children with their process groups.
         """
         with self._lock:
             self._shutdown = True

@@ -73,6 +73,30 @@ class Limits:
         ``"512 MiB"``. Enforced with ``RLIMIT_AS`` set to the child's current address-space size plus
         this much, so the inherited copy-on-write mappings do not count against it. Exceeding it raises
         :class:`~dask_forkmap.MemoryLimitExceeded`.
+
+    Attributes
+    ----------
+    timeout : float or None
+        The timeout in seconds.
+    memory_limit : int or None
+        The memory limit in bytes (a string is parsed when the limits are made).
+
+    Raises
+    ------
+    TypeError
+        A limit of the wrong type (a ``bool``, a list, ...).
+    ValueError
+        A limit that is not positive and finite, or a size string that cannot be parsed.
+
+    See Also
+    --------
+    with_limits : attach limits to a function.
+
+    Examples
+    --------
+    >>> from dask_forkmap import Limits
+    >>> Limits(timeout=30, memory_limit="1 KiB")
+    Limits(timeout=30.0, memory_limit=1024)
     """
 
     timeout: float | None = None
@@ -83,7 +107,18 @@ class Limits:
         object.__setattr__(self, "memory_limit", _check_memory_limit(memory_limit))
 
     def over(self, fallback: Limits) -> Limits:
-        """These limits, with ``fallback``'s values where these are unset."""
+        """These limits, with ``fallback``'s values where these are unset.
+
+        Parameters
+        ----------
+        fallback : Limits
+            The limits that apply where these set none.
+
+        Returns
+        -------
+        Limits
+            A new instance; neither input changes.
+        """
         return Limits(
             timeout=self.timeout if self.timeout is not None else fallback.timeout,
             memory_limit=self.memory_limit if self.memory_limit is not None else fallback.memory_limit,
@@ -91,7 +126,13 @@ class Limits:
 
     @classmethod
     def from_config(cls) -> Limits:
-        """The defaults currently in ``dask.config``."""
+        """The defaults currently in ``dask.config``.
+
+        Returns
+        -------
+        Limits
+            ``forkmap.timeout`` and ``forkmap.memory-limit``, as set at the time of the call.
+        """
         return cls(timeout=_config.get("timeout"), memory_limit=_config.get("memory-limit"))
 
     @classmethod
@@ -101,6 +142,25 @@ class Limits:
         The annotation is ``True`` (fork), ``False`` (run in process) or a dict of limits, which
         implies forking. Anything else is refused rather than ignored, naming the task: a typo such
         as ``memory-limit`` would otherwise leave the task without the limit it asked for.
+
+        Parameters
+        ----------
+        value : bool, dict or None
+            The annotation's value; None when the task has none.
+        key : object
+            The task's key, named in error messages.
+
+        Returns
+        -------
+        Limits or None
+            The limits of a dict annotation; None for ``True``, ``False`` and ``None``.
+
+        Raises
+        ------
+        TypeError
+            The annotation is neither a bool nor a dict, or a limit in it has the wrong type.
+        ValueError
+            The dict has keys other than ``timeout`` and ``memory_limit``, or a limit is invalid.
         """
         if value is None or value is True or value is False:
             return None
@@ -126,7 +186,21 @@ class Limited(Generic[R]):
     """A callable carrying its own :class:`Limits`; see :func:`with_limits`.
 
     Calling it in process simply calls the wrapped function: the limits only act when it runs in a
-    forked child.
+    forked child (:func:`fork_map`, :class:`ForkExecutor`, :func:`forkmap_get`, ``ForkIsolation``).
+
+    Parameters
+    ----------
+    fn : callable
+        The function to run.
+    limits : Limits
+        The limits for each child that runs it.
+
+    Attributes
+    ----------
+    fn : callable
+        The wrapped function.
+    limits : Limits
+        Its limits.
     """
 
     fn: Callable[..., R]
@@ -145,11 +219,44 @@ def with_limits(
 ) -> Limited[R]:
     """Attach per-task limits to ``fn`` for :func:`fork_map`, :class:`ForkExecutor` and Dask graphs.
 
+    Limits travel with the function rather than as keyword arguments of ``fork_map`` or ``submit``,
+    so they never clash with the task's own keyword arguments. They take precedence over the
+    executor's (or scheduler's, or plugin's) limits, which take precedence over ``dask.config``.
+
+    Parameters
+    ----------
+    fn : callable
+        The function to limit.
+    timeout : float, optional
+        Wall-clock seconds from the fork; see :class:`Limits`.
+    memory_limit : int or str, optional
+        Bytes the task may allocate beyond what it inherited, e.g. ``"2 GiB"``; see :class:`Limits`.
+
+    Returns
+    -------
+    Limited
+        A callable that calls ``fn`` and carries the limits. Wrapping an already limited function
+        overrides the limits it sets and keeps the others.
+
+    Raises
+    ------
+    TypeError
+        ``fn`` is not callable, or a limit has the wrong type.
+    ValueError
+        A limit is not positive and finite, or a size string cannot be parsed.
+
+    Examples
+    --------
     >>> from dask_forkmap import fork_map, with_limits
     >>> fork_map(with_limits(sum, timeout=10, memory_limit="1 GiB"), [1, 2, 3])
     6
 
-    Wrapping an already limited function overrides the limits it sets and keeps the others.
+    A keyword argument named ``timeout`` goes to the function, not to the limits:
+
+    >>> def pause(*, timeout):
+    ...     return timeout
+    >>> fork_map(with_limits(pause, timeout=10), timeout=0.5)
+    0.5
     """
     if not callable(fn):
         raise TypeError(f"with_limits needs a callable, not {type(fn).__name__}")

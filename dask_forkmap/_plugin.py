@@ -73,7 +73,14 @@ _WORKER_API = ("get_worker", "get_client", "secede", "worker_client")
 class WorkerNotAvailable(ForkMapError, RuntimeError):
     """An isolated task called ``get_worker``, ``get_client``, ``secede`` or ``worker_client``.
 
-    There is no live worker in a forked child. It derives from :class:`RuntimeError`, not :class:`ValueError`: ``get_client()`` treats a
+    There is no live worker in a forked child: no event loop, no connections, no thread pool, only a
+    copy of the worker's memory. The message says so, names the worker, and says what to do: pass
+    the task what it needs as arguments and submit follow-up work from the client, or run the task
+    in the worker process with ``dask.annotate(executor="in-process")``.
+
+    Notes
+    -----
+    It derives from :class:`RuntimeError`, not :class:`ValueError`: ``get_client()`` treats a
     ``ValueError`` from ``get_worker()`` as "not on a worker" and would go on to reuse the worker
     process's client, whose connections belong to the parent.
     """
@@ -109,12 +116,33 @@ class ForkIsolation(WorkerPlugin):
         count, so that the children together stay within what the nanny allows the worker (whose
         memory monitor cannot see them). ``None``: ``forkmap.memory-limit`` (unlimited by default).
 
+    Attributes
+    ----------
+    name : str
+        ``"forkmap-isolation"``, or ``"forkmap-isolation-<executor>"`` for another executor: the
+        name to pass to ``Client.unregister_worker_plugin``.
+    idempotent : bool
+        True: registering a plugin of the same name again is a no-op.
+
+    Raises
+    ------
+    TypeError
+        ``executor`` is not a non-empty str, or a limit has the wrong type.
+    ValueError
+        ``executor`` is a name the worker or the plugin reserves (``"in-process"``, ``"offload"``,
+        ``"actor"``), or a limit is invalid.
+
+    See Also
+    --------
+    dask_forkmap.preload : ``dask worker --preload dask_forkmap.preload`` installs the plugin
+        configured by :meth:`from_config`.
+
     Notes
     -----
     Per-task overrides: ``dask.annotate(forkmap={"timeout": 600, "memory_limit": "8 GiB"})``, or a
     function wrapped with :func:`~dask_forkmap.with_limits`, which wins over the annotation.
 
-    The plugin is idempotent under its :attr:`name`: registering it again is a no-op. To change its
+    The plugin is idempotent under its ``name``: registering it again is a no-op. To change its
     options on a running cluster, unregister it first.
 
     Examples
@@ -145,7 +173,14 @@ class ForkIsolation(WorkerPlugin):
 
     @classmethod
     def from_config(cls) -> ForkIsolation:
-        """A plugin configured from ``forkmap.distributed.*`` (what the preload module installs)."""
+        """A plugin configured from ``forkmap.distributed.*`` (what the preload module installs).
+
+        Returns
+        -------
+        ForkIsolation
+            With ``executor``, ``timeout`` and ``memory_limit`` read from
+            ``forkmap.distributed.executor``, ``.timeout`` and ``.memory-limit``.
+        """
         return cls(_setting("executor"), timeout=_setting("timeout"), memory_limit=_setting("memory-limit"))
 
     def __repr__(self) -> str:
@@ -164,7 +199,23 @@ class ForkIsolation(WorkerPlugin):
         return Limits(timeout=self.timeout, memory_limit=memory_limit)
 
     def setup(self, worker: Worker) -> None:
-        """Put a :class:`ForkIsolatedExecutor` in place of (or next to) the worker's executor."""
+        """Put a ``ForkIsolatedExecutor`` in place of (or next to) the worker's executor.
+
+        Called by the worker when the plugin is registered, and again when a worker joins or
+        restarts.
+
+        Parameters
+        ----------
+        worker : distributed.Worker
+            The worker to isolate.
+
+        Raises
+        ------
+        ValueError
+            Another plugin already isolates that executor of this worker.
+        ForkUnavailable
+            The platform has no ``os.fork``.
+        """
         current = worker.executors.get(self.executor)
         if isinstance(current, ForkIsolatedExecutor):
             raise ValueError(
@@ -186,7 +237,16 @@ class ForkIsolation(WorkerPlugin):
         worker.executors[self.executor] = isolated
 
     async def teardown(self, worker: Worker) -> None:
-        """Restore the executor it replaced; kill and reap the children (their tasks are rescheduled)."""
+        """Restore the executor it replaced; kill and reap the children (their tasks are rescheduled).
+
+        Called by the worker when the plugin is unregistered or the worker closes. It returns once
+        every child is gone; a task cut short by unregistration runs again, in the worker process.
+
+        Parameters
+        ----------
+        worker : distributed.Worker
+            The worker to restore.
+        """
         isolated = worker.executors.get(self.executor)
         if not isinstance(isolated, ForkIsolatedExecutor) or isolated.plugin_name != self.name:
             return

@@ -490,19 +490,24 @@ def forkmap_get(
         Most tasks one child runs (``forkmap.scheduler.chunksize``, default ``'auto'``: batch tasks
         measured to be tiny, up to ``forkmap.scheduler.batch-duration`` of work per child). ``1``
         forks once per task.
-    timeout, memory_limit : optional
-        Per-task limits (see :class:`~dask_forkmap.Limits`); the ``forkmap`` annotation overrides
-        them per task. A task with a timeout gets a child of its own.
+    timeout : float, optional
+        Per-task wall-clock limit in seconds (see :class:`~dask_forkmap.Limits`); default
+        ``forkmap.timeout``. A task with a timeout gets a child of its own.
+    memory_limit : int or str, optional
+        Per-task memory limit, e.g. ``"2 GiB"``; default ``forkmap.memory-limit``. It applies to the
+        child, i.e. to the batch of tasks the child runs.
     inline : bool, optional
         Run trivial tasks (aliases, literal data, list/tuple/dict assembly, getitem) in the parent;
         default ``forkmap.scheduler.inline``.
     **kwargs
-        Passed to :func:`dask.local.get_async`: ``callbacks``, ``cache``,
-        ``rerun_exceptions_locally``, ...
+        ``rerun_exceptions_locally`` (default: the dask config key of that name) re-runs a task that
+        raised an ordinary exception in the parent, never one that crashed its child. The rest is
+        passed to :func:`dask.local.get_async`: ``callbacks``, ``cache``, ... A ``pool`` is ignored.
 
     Returns
     -------
-    The computed values, shaped as ``keys``.
+    object
+        The computed values, shaped as ``keys``.
 
     Raises
     ------
@@ -510,6 +515,26 @@ def forkmap_get(
         A task's own exception, with its original type and the child's traceback as ``__cause__``.
     ChildCrashed, TaskTimeoutError, MemoryLimitExceeded
         A child died, timed out or ran out of its memory; the error names the task's key.
+    ForkMapError
+        Any other error of the fork machinery (see :ref:`failures`). Before ``compute`` raises,
+        every other child of the computation is killed with its process group and reaped.
+
+    Notes
+    -----
+    A task's ``dask.annotate(forkmap=...)`` annotation overrides the limits and the inlining for that
+    task: ``False`` runs it in the parent, ``True`` forks it even if it is trivial, a dict such as
+    ``{"timeout": 30, "memory_limit": "2 GiB"}`` sets its limits. dask's low-level fusion drops
+    annotations; see :doc:`scheduler`.
+
+    Examples
+    --------
+    >>> import dask
+    >>> from dask_forkmap import forkmap_get
+    >>> total = dask.delayed(sum)([1, 2, 3])
+    >>> dask.compute(total, scheduler=forkmap_get)
+    (6,)
+    >>> total.compute(scheduler="forkmap", num_workers=2)
+    6
     """
     options = _Options(num_workers, chunksize, timeout, memory_limit, inline)
     annotations = _annotations(dsk)
