@@ -619,7 +619,7 @@ def _forget_dask_thread_pools() -> None:
     threads, so a task that calls ``.compute()`` with the threads scheduler would queue its work
     on a pool nobody serves and hang. The pools' lock may also have been held at the fork.
     """
-    threaded = sys.modules.get("dask.threaded")
+    threaded: Any = sys.modules.get("dask.threaded")  # its globals, not a typed API
     if threaded is None or not hasattr(threaded, "pools"):
         return
     threaded.default_pool = None
