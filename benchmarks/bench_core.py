@@ -1,132 +1,194 @@
-"""fork_map and ForkExecutor against the raw fork floor and an in-process copy, in one run.
+"""The fork core against its floor and its peers: cases 1, 3 and 7 of ``report.py``.
 
-    python benchmarks/bench_core.py [--rounds N] [--calls N] [--mib N]
+    python benchmarks/bench_core.py [--quick] [--rounds N] [--cases 1,3,7]
 
-Cases (medians over rounds; each round times all contenders back to back, so drift in machine load
-hits them alike):
+1. tiny tasks, per task: the raw fork floor, fork_map, ForkExecutor, forkmap_get, dask's threads and
+   processes schedulers, multiprocessing.Pool(maxtasksperchild=1), pebble's concurrent.process;
+3. a big array result: an in-process copy, fork_map, a raw fork through a pipe, ProcessPoolExecutor;
+7. the cost of a fork against the parent's resident memory, in 4 KiB pages and in huge pages.
 
-1. tiny task, per call: a raw ``fork`` + pipe + ``pickle`` + ``waitpid`` written inline (the floor),
-   ``fork_map``, and ``ForkExecutor(2)`` throughput;
-2. a big array result: an in-process ``copy()`` of it (the reference), ``fork_map`` returning it,
-   and a raw fork that pickles it through a pipe (what a pipe-only transport costs).
-
-Prints a Markdown table of medians and ratios to each case's reference.
+Prints a Markdown table of medians and ratios; ``report.py`` runs these with the other cases.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import pickle
-import platform
+import mmap
+import multiprocessing
 import statistics
-import struct
 import sys
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
-import dask  # noqa: F401  - the floor is measured with the same modules loaded as fork_map
+import dask
 import numpy as np
+from _common import (
+    CaseResult,
+    Config,
+    GiB,
+    MiB,
+    Progress,
+    bare_fork,
+    cli,
+    interleaved,
+    per_item,
+    raw_fork,
+    rss,
+    thp_mode,
+    timed,
+    tiny,
+)
+from dask import delayed
 
-from dask_forkmap import ForkExecutor, fork_map
-from dask_forkmap._core import _reaper
+from dask_forkmap import ForkExecutor, fork_map, forkmap_get
 
-MiB = 1024 * 1024
+FLOOR = "raw fork + pipe + waitpid (floor)"
 
-
-def raw_fork(fn: Callable[[], Any]) -> Any:
-    """The floor: fork, pickle the result into a pipe with a length prefix, read it, waitpid."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            data = pickle.dumps(fn(), protocol=5)
-            os.write(w, struct.pack("<Q", len(data)))
-            view = memoryview(data)
-            while view:
-                view = view[os.write(w, view) :]
-        finally:
-            os._exit(0)
-    os.close(w)
-    (n,) = struct.unpack("<Q", os.read(r, 8))
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = os.readv(r, [view[got:]])
-        got += k
-    os.close(r)
-    os.waitpid(pid, 0)
-    return pickle.loads(buf)
+# Every process-based peer is given fork, the start method that shares the parent's memory like ours.
+_fork = multiprocessing.get_context("fork")
 
 
-def per_call(fn: Callable[[], Any], calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls
+def tiny_tasks(cfg: Config, progress: Progress) -> CaseResult:
+    """Tiny tasks, per task."""
+    from pebble import concurrent
 
+    n = cfg.size(200, 20)
+    tasks = [delayed(tiny)(i, dask_key_name=f"tiny-{i}") for i in range(n)]
+    # pebble's decorator forks one process per call and returns a ProcessFuture. Its keyword for
+    # the start method is ``context`` (pebble 5.2's type stubs say ``mp_context``, which it ignores).
+    pebble_tiny = concurrent.process(context=_fork)(tiny)  # type: ignore[call-overload]
 
-def once(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    def compute(**kwargs: Any) -> Callable[[], object]:
+        return lambda: dask.compute(*tasks, num_workers=2, **kwargs)
 
-
-def executor_per_task(ex: ForkExecutor, calls: int) -> float:
-    start = time.perf_counter()
-    for _ in ex.map(abs, range(calls)):
-        pass
-    return (time.perf_counter() - start) / calls
-
-
-def run(rounds: int, calls: int, mib: int) -> list[tuple[str, str, float, float]]:
-    tiny: dict[str, list[float]] = {"raw": [], "fork_map": [], "ForkExecutor(2)": []}
-    big: dict[str, list[float]] = {"copy": [], "fork_map": [], "raw pipe": []}
-    with ForkExecutor(2) as ex:
-        executor_per_task(ex, 20)  # start the slot threads
-        for _ in range(rounds):
-            tiny["raw"].append(per_call(lambda: raw_fork(lambda: 42), calls))
-            tiny["fork_map"].append(per_call(lambda: fork_map(lambda: 42), calls))
-            tiny["ForkExecutor(2)"].append(executor_per_task(ex, calls))
-            _reaper.wait(timeout=60)
-    # Only now: a big array in the parent makes every fork copy more page tables.
-    source = np.random.default_rng(0).random(mib * MiB // 8)
-    for _ in range(rounds):
-        big["copy"].append(once(lambda: source.copy()))
-        big["fork_map"].append(once(lambda: fork_map(lambda: source)))
-        _reaper.wait(timeout=60)
-        big["raw pipe"].append(once(lambda: raw_fork(lambda: source)))
-    rows = []
-    floor = statistics.median(tiny["raw"])
-    for name, times in tiny.items():
-        med = statistics.median(times)
-        rows.append(("tiny task, per call", name, med, med / floor))
-    ref = statistics.median(big["copy"])
-    for name, times in big.items():
-        med = statistics.median(times)
-        rows.append((f"{mib} MiB array result", name, med, med / ref))
-    return rows
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--calls", type=int, default=200, help="tiny calls per round and contender")
-    parser.add_argument("--mib", type=int, default=256, help="size of the big result")
-    args = parser.parse_args()
-    rows = run(args.rounds, args.calls, args.mib)
-    print(
-        f"{platform.node()}: {os.cpu_count()} CPUs, Linux {platform.release()}, "
-        f"CPython {platform.python_version()}, numpy {np.__version__}, {args.rounds} rounds\n"
+    result = CaseResult("the raw fork floor")
+    with ForkExecutor(2) as executor, _fork.Pool(2, maxtasksperchild=1) as pool:
+        contenders = {
+            FLOOR: lambda: [raw_fork(tiny, i) for i in range(n)],
+            "fork_map, one call at a time": lambda: [fork_map(tiny, i) for i in range(n)],
+            "ForkExecutor(2).map": lambda: list(executor.map(tiny, range(n))),
+            "forkmap_get, 2 workers, chunksize=1": compute(scheduler=forkmap_get, chunksize=1),
+            "forkmap_get, 2 workers, auto batching": compute(scheduler=forkmap_get),
+            "dask threads, 2 workers": compute(scheduler="threads"),
+            "dask processes, 2 workers": compute(scheduler="processes"),
+            "multiprocessing.Pool(2, maxtasksperchild=1)": lambda: pool.map(tiny, range(n), chunksize=1),
+            "pebble concurrent.process, one call at a time": lambda: [pebble_tiny(i).result() for i in range(n)],
+        }
+        samples = interleaved({k: per_item(fn, n) for k, fn in contenders.items()}, cfg.rounds(7), progress)
+    result.add(f"{n} tasks", samples, FLOOR)
+    result.notes.append(
+        "one call at a time: fork_map and pebble run one child after another, like the floor; the "
+        "others run 2 at a time (dask processes: a fresh pool of 2 spawned workers per compute, dask's default)"
     )
-    print("| case | contender | median | ratio to the case's first row |")
-    print("|---|---|---|---|")
-    for case, name, med, ratio in rows:
-        print(f"| {case} | {name} | {med * 1000:.2f} ms | {ratio:.2f}x |")
-    sys.stdout.flush()
+    return result
+
+
+# ProcessPoolExecutor's worker forks after this is filled, and returns it from its copy of the parent.
+_SHARED: dict[str, np.ndarray] = {}
+
+
+def shared_array() -> np.ndarray:
+    return _SHARED["array"]
+
+
+def big_results(cfg: Config, progress: Progress) -> CaseResult:
+    """Big results returned by the task."""
+    mib = cfg.size(256, 8)
+    _SHARED["array"] = source = np.random.default_rng(0).random(mib * MiB // 8)
+    result = CaseResult("an in-process copy")
+    try:
+        with ProcessPoolExecutor(1, mp_context=_fork) as ppe:
+            contenders = {
+                "in-process copy()": timed(source.copy),
+                "fork_map returning it": timed(lambda: fork_map(shared_array)),
+                "raw fork, pickled through a pipe": timed(lambda: raw_fork(shared_array)),
+                "ProcessPoolExecutor(1, fork)": timed(lambda: ppe.submit(shared_array).result()),
+            }
+            samples = interleaved(contenders, cfg.rounds(7), progress)
+    finally:
+        _SHARED.clear()
+    result.add(f"{mib} MiB float64 array", samples, "in-process copy()")
+    result.notes.append("each call's time includes freeing its result")
+    return result
+
+
+def _anon_huge_pages() -> int:
+    """Bytes of this process's anonymous memory on transparent huge pages."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+@contextmanager
+def touched_memory(nbytes: int, huge: bool) -> Iterator[float]:
+    """``nbytes`` of anonymous memory, every page written; yields the share on huge pages.
+
+    An mmap rather than a numpy array, so that the kind of page is chosen here: numpy itself asks
+    for huge pages for large arrays when THP is in ``madvise`` mode.
+    """
+    nbytes = -(-nbytes // (2 * MiB)) * 2 * MiB  # whole huge pages
+    before = _anon_huge_pages()
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        m.madvise(mmap.MADV_HUGEPAGE if huge else mmap.MADV_NOHUGEPAGE)
+        np.frombuffer(m, dtype=np.uint8)[::4096] = 1  # fault every page in (the view is freed at once)
+        yield (_anon_huge_pages() - before) / nbytes
+    finally:
+        m.close()
+
+
+def fork_cost(cfg: Config, progress: Progress) -> CaseResult:
+    """Fork cost against the parent's resident memory."""
+    sizes = cfg.size([0.1, 1, 4], [0.1])
+    calls = cfg.size(10, 3)
+    rounds = cfg.rounds(7)
+    thp = thp_mode()
+    kinds = [False] + ([True] if thp in ("always", "madvise") else [])
+    raw, ours = "raw fork + _exit + waitpid", "fork_map, tiny task"
+    contenders = {
+        raw: per_item(lambda: bare_fork(calls), calls),
+        ours: per_item(lambda: [fork_map(tiny, 1) for _ in range(calls)], calls),
+    }
+    result = CaseResult("a raw fork of the parent without the extra memory")
+    base_rss = rss() / MiB
+    progress.note(f"parent as is: {base_rss:.0f} MiB resident")
+    samples = interleaved(contenders, rounds, progress)
+    result.add(f"parent as is ({base_rss:.0f} MiB resident)", samples, raw)
+    baseline = {name: statistics.median(values) for name, values in samples.items()}
+    slopes = {}
+    for gib in sizes:
+        for huge in kinds:
+            label = f"+{gib:g} GiB, {'huge pages' if huge else '4 KiB pages'}"
+            progress.note(f"allocating and touching {label}")
+            with touched_memory(int(gib * GiB), huge) as huge_share:
+                samples = interleaved(contenders, rounds, progress)
+            if huge:
+                label += f" ({huge_share:.0%} on huge pages)"
+            result.add(label, samples, baseline[raw])
+            medians = {name: statistics.median(values) for name, values in samples.items()}
+            slopes[huge] = (gib, medians[raw] - baseline[raw], medians[ours] - baseline[ours])
+    for huge, (gib, d_raw, d_ours) in slopes.items():
+        result.notes.append(
+            f"{'huge pages' if huge else '4 KiB pages'}, from the parent as is to +{gib:g} GiB: "
+            f"raw fork {d_raw / gib * 1e3:+.1f} ms per GiB, fork_map {d_ours / gib * 1e3:+.1f} ms per GiB"
+        )
+    if len(kinds) == 1:
+        result.notes.append(f"transparent huge pages are {thp!r} here: huge pages not measured")
+    return result
+
+
+CASES = {1: tiny_tasks, 3: big_results, 7: fork_cost}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(CASES, __file__, __doc__ or "", argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,6 @@
-"""ForkIsolation's cost and benefit on a LocalCluster (1 worker, 2 threads). Not a test.
+"""ForkIsolation's cost and benefit on a LocalCluster (1 worker, 2 threads): case 8 of ``report.py``.
 
-    python benchmarks/bench_distributed.py [--rounds 5] [--tasks 500] [--crash-batch 100]
+    python benchmarks/bench_distributed.py [--quick] [--rounds N]
 
 1. Overhead: 500 small tasks with and without the plugin (client.map + gather, both threads busy), and
    the latency of one task at a time, against the raw fork floor measured inside the worker process
@@ -12,17 +12,23 @@ Prints a Markdown table (medians over rounds; rounds alternate between the two s
 
 from __future__ import annotations
 
-import argparse
 import ctypes
-import os
+import logging
 import statistics
+import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
-from distributed import Client, LocalCluster, wait
+from _common import CaseResult, Config, Progress, cli
+from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from dask_forkmap._plugin import ForkIsolation
+
+
+def _silent(text: str) -> None:
+    pass
 
 
 def inc(x: int) -> int:
@@ -68,7 +74,8 @@ def time_executor(dask_worker: Any) -> None:
 
 
 def executor_median(dask_worker: Any) -> float:
-    return statistics.median(dask_worker._bench_executor_times)
+    times: list[float] = dask_worker._bench_executor_times
+    return statistics.median(times)
 
 
 class WorkerArrivals(SchedulerPlugin):
@@ -89,6 +96,8 @@ def cluster(isolated: bool) -> LocalCluster:
         host="127.0.0.1",
         dashboard_address=":0",
         plugins={ForkIsolation()} if isolated else set(),
+        # Without isolation every segfault makes the nanny log a restart; the table counts them.
+        silence_logs=logging.CRITICAL,
     )
 
 
@@ -107,39 +116,50 @@ def latency_seconds(client: Client, n: int = 100) -> float:
     return statistics.median(times)
 
 
-def overhead(rounds: int, n: int) -> dict[str, Any]:
+def overhead(
+    rounds: int, n: int, *, latency_n: int = 100, floor_n: int = 200, note: Callable[[str], None] = _silent
+) -> dict[str, Any]:
     batch: dict[bool, list[float]] = {False: [], True: []}
     latency: dict[bool, list[float]] = {False: [], True: []}
     in_executor: dict[bool, list[float]] = {False: [], True: []}
     floors = []
-    for _ in range(rounds):
+    for r in range(rounds):
         for isolated in (False, True):
+            note(f"round {r + 1}/{rounds}: {n} tasks {'with' if isolated else 'without'} ForkIsolation")
             with cluster(isolated) as c, Client(c) as client:
                 client.gather(client.map(inc, range(50), pure=False))  # warm up: imports, first forks
                 batch[isolated].append(batch_seconds(client, n))
                 client.run(time_executor)
-                latency[isolated].append(latency_seconds(client))
+                latency[isolated].append(latency_seconds(client, latency_n))
                 in_executor[isolated].extend(client.run(executor_median).values())
                 if isolated:
-                    floors.extend(client.run(fork_floor).values())
-    return {
-        "batch": {k: statistics.median(v) for k, v in batch.items()},
-        "latency": {k: statistics.median(v) for k, v in latency.items()},
-        "in_executor": {k: statistics.median(v) for k, v in in_executor.items()},
-        "floor": statistics.median(floors),
-    }
+                    floors.extend(client.run(fork_floor, floor_n).values())
+    return {"batch": batch, "latency": latency, "in_executor": in_executor, "floor": floors}
 
 
-def crashes(n: int, isolated: bool, limit: float) -> dict[str, Any]:
+def crashes(n: int, isolated: bool, limit: float, *, gone: float = 20) -> dict[str, Any]:
+    """Run the crash batch until every task is done, ``limit`` seconds have passed, or the cluster has
+    had no worker for ``gone`` seconds (the nanny gave up: what is pending then stays pending)."""
     arrivals = WorkerArrivals()
     with cluster(isolated) as c, Client(c) as client:
         c.scheduler.add_plugin(arrivals)
         start = time.perf_counter()
         futures = client.map(maybe_segfault, range(n), pure=False)
-        try:
-            wait(futures, timeout=limit)
-        except TimeoutError:
-            pass  # reported below as tasks left pending
+        stopped = "all done"
+        no_worker_since = None
+        while not all(f.done() for f in futures):
+            now = time.perf_counter()
+            if now - start > limit:
+                stopped = f"stopped at the {limit:.0f} s cap"
+                break
+            if c.scheduler.workers:
+                no_worker_since = None
+            elif no_worker_since is None:
+                no_worker_since = now
+            elif now - no_worker_since > gone:
+                stopped = f"stopped {gone:.0f} s after the last worker was gone, at {no_worker_since - start:.1f} s"
+                break
+            time.sleep(0.1)
         wall = time.perf_counter() - start
         done = sum(f.status == "finished" for f in futures)
         kinds: dict[str, int] = {}
@@ -156,58 +176,59 @@ def crashes(n: int, isolated: bool, limit: float) -> dict[str, Any]:
         "wall": wall,
         "errors": kinds,
         "workers_left": workers,
+        "stopped": stopped,
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--tasks", type=int, default=500)
-    parser.add_argument("--crash-batch", type=int, default=100)
-    parser.add_argument("--crash-wait", type=float, default=300, help="seconds to wait for the crash batch")
-    args = parser.parse_args()
+WITHOUT, WITH = "without", "with ForkIsolation"
 
-    o = overhead(args.rounds, args.tasks)
-    n = args.tasks
-    plain, iso = o["batch"][False] / n, o["batch"][True] / n
-    lat_plain, lat_iso = o["latency"][False], o["latency"][True]
-    floor = o["floor"]
-    print(f"## Overhead ({args.rounds} rounds, medians; LocalCluster 1 worker x 2 threads; {os.cpu_count()} CPUs)\n")
-    print("| measure | without | with ForkIsolation | ratio | added |")
-    print("|---|---:|---:|---:|---:|")
-    print(
-        f"| {n} tasks, wall per task (2 threads) | {plain * 1e3:.2f} ms | {iso * 1e3:.2f} ms "
-        f"| {iso / plain:.2f}x | {(iso - plain) * 1e3:+.2f} ms |"
-    )
-    print(
-        f"| one task at a time, latency | {lat_plain * 1e3:.2f} ms | {lat_iso * 1e3:.2f} ms "
-        f"| {lat_iso / lat_plain:.2f}x | {(lat_iso - lat_plain) * 1e3:+.2f} ms |"
-    )
-    ex_plain, ex_iso = o["in_executor"][False], o["in_executor"][True]
-    print(
-        f"| one task at a time, time in the worker's executor | {ex_plain * 1e3:.2f} ms | {ex_iso * 1e3:.2f} ms "
-        f"| | {(ex_iso - ex_plain) * 1e3:+.2f} ms |"
-    )
-    print(f"| raw fork floor in the worker (fork_map no-op) | | {floor * 1e3:.2f} ms | | |")
-    print(
-        f"\nTime in the executor minus the raw fork floor: {(ex_iso - ex_plain - floor) * 1e3:+.2f} ms per task "
-        f"(target: at most +1 ms). End-to-end latency minus the floor: {(lat_iso - lat_plain - floor) * 1e3:+.2f} ms."
-        f" Batch: {(iso - plain - floor / 2) * 1e3:+.2f} ms per task over the floor shared by 2 threads."
+
+def distributed(cfg: Config, progress: Progress) -> CaseResult:
+    """Distributed: LocalCluster(1 worker, 2 threads) with and without ForkIsolation."""
+    rounds = cfg.rounds(3)
+    n, latency_n, floor_n = cfg.size((500, 100, 200), (50, 10, 20))
+    batch, limit = cfg.size((100, 300.0), (20, 60.0))
+    result = CaseResult("without ForkIsolation")
+    o = overhead(rounds, n, latency_n=latency_n, floor_n=floor_n, note=progress.note)
+    per_task = {label: [t / n for t in o["batch"][isolated]] for isolated, label in ((False, WITHOUT), (True, WITH))}
+    result.add(f"{n} tasks, wall per task", per_task, WITHOUT)
+    for key, group in (("latency", "one task at a time, latency"), ("in_executor", "time in the worker's executor")):
+        result.add(group, {WITHOUT: o[key][False], WITH: o[key][True]}, WITHOUT)
+    result.add("time in the worker's executor", {"raw fork floor in the worker": o["floor"]}, None)
+    result.rows[-1].note = "fork_map of a no-op, median of medians"
+    m = {
+        key: {isolated: statistics.median(o[key][isolated]) for isolated in (False, True)}
+        for key in ("latency", "in_executor")
+    }
+    floor = statistics.median(o["floor"])
+    result.notes.append(
+        "time in the executor with ForkIsolation minus without minus the raw fork floor: "
+        f"{(m['in_executor'][True] - m['in_executor'][False] - floor) * 1e3:+.2f} ms per task; "
+        f"latency minus the floor: {(m['latency'][True] - m['latency'][False] - floor) * 1e3:+.2f} ms"
     )
 
-    rows = {isolated: crashes(args.crash_batch, isolated, args.crash_wait) for isolated in (False, True)}
-    print(f"\n## A batch of {args.crash_batch} tasks, 1 in 10 segfaults\n")
-    print("| | completed | worker restarts | wall | errors | workers at the end |")
-    print("|---|---:|---:|---:|---|---:|")
-    for isolated, label in ((False, "without"), (True, "with ForkIsolation")):
-        r = rows[isolated]
-        errors = ", ".join(f"{k}: {v}" for k, v in sorted(r["errors"].items())) or "none"
-        print(
-            f"| {label} | {r['completed']}/{args.crash_batch} | {r['restarts']} | {r['wall']:.1f} s | {errors} "
-            f"| {r['workers_left']} |"
+    runs = {}
+    for isolated, label in ((False, WITHOUT), (True, WITH)):
+        progress.note(f"a batch of {batch} tasks, 1 in 10 segfaults, {label}")
+        runs[label] = crashes(batch, isolated, limit)
+    notes = {}
+    for label, r in runs.items():
+        errors = ", ".join(f"{k}: {v}" for k, v in sorted(r["errors"].items())) or "no errors"
+        notes[label] = (
+            f"{r['completed']}/{batch} completed, {r['restarts']} worker restarts, {errors}, "
+            f"{r['workers_left']} worker(s) at the end, {r['stopped']}"
         )
-    print(f"\nWall time ratio (without / with): {rows[False]['wall'] / rows[True]['wall']:.1f}x")
+    walls = {label: [r["wall"]] for label, r in runs.items()}
+    result.add(f"{batch} tasks, 1 in 10 segfaults: wall", walls, WITHOUT, notes=notes)
+    return result
+
+
+CASES = {8: distributed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(CASES, __file__, __doc__ or "", argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
