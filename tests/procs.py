@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import select
+from collections.abc import Iterator
 
 
-def child_pids(parent: int | None = None, *, zombies_only: bool = False) -> set[int]:
-    """Pids whose parent is ``parent`` (default: this process), read from /proc."""
-    parent = os.getpid() if parent is None else parent
-    found = set()
+def _stats() -> Iterator[tuple[int, list[bytes]]]:
+    """(pid, the fields of /proc/pid/stat after the command name) for every live pid."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -19,11 +18,18 @@ def child_pids(parent: int | None = None, *, zombies_only: bool = False) -> set[
         except OSError:
             continue
         # The command name (field 2) may contain spaces and parentheses: split after its last ')'.
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        state, ppid = fields[0], int(fields[1])
-        if ppid == parent and (not zombies_only or state == b"Z"):
-            found.add(int(entry))
-    return found
+        yield int(entry), stat[stat.rindex(b")") + 2 :].split()
+
+
+def child_pids(parent: int | None = None, *, zombies_only: bool = False) -> set[int]:
+    """Pids whose parent is ``parent`` (default: this process), read from /proc."""
+    parent = os.getpid() if parent is None else parent
+    return {pid for pid, fields in _stats() if int(fields[1]) == parent and (not zombies_only or fields[0] == b"Z")}
+
+
+def session_pids(sid: int) -> set[int]:
+    """Processes of session ``sid`` that are not zombies (forked children keep their session)."""
+    return {pid for pid, fields in _stats() if int(fields[3]) == sid and fields[0] != b"Z"}
 
 
 def open_fds() -> set[int]:

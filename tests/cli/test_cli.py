@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from procs import wait_gone
+from procs import session_pids, wait_gone
 
 from dask_forkmap import _cli
 
@@ -27,23 +27,6 @@ def _run(*argv: str, wait: float = HELP_WAIT) -> subprocess.CompletedProcess[str
     return subprocess.run(argv, capture_output=True, text=True, timeout=wait, check=False)
 
 
-def _session_pids(sid: int) -> set[int]:
-    """Live processes of session ``sid`` (forked children get their own process groups, not sessions)."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        if int(fields[3]) == sid and fields[0] != b"Z":
-            found.add(int(entry))
-    return found
-
-
 def _run_in_session(*argv: str, wait: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run a command in a session of its own; fail if any process of that session outlives it."""
     proc = subprocess.Popen(
@@ -51,14 +34,14 @@ def _run_in_session(*argv: str, wait: float, env: dict[str, str] | None = None) 
     )
     try:
         out, err = proc.communicate(timeout=wait)
-        left = {pid for pid in _session_pids(proc.pid) if not wait_gone(pid, 30)}
+        left = {pid for pid in session_pids(proc.pid) if not wait_gone(pid, 30)}
         assert not left, f"processes of the command still running after it exited: {sorted(left)}"
         return subprocess.CompletedProcess(argv, proc.returncode, out, err)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
-        for pid in _session_pids(proc.pid):  # whatever a failed run left: workers, nannies, children
+        for pid in session_pids(proc.pid):  # whatever a failed run left: workers, nannies, children
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
