@@ -90,7 +90,6 @@ _ASYNC_SIGNALS = (
     if hasattr(signal, "pthread_sigmask")
     else frozenset()
 )
-_thread_state = threading.local()
 
 
 class QuietThread(threading.Thread):
@@ -112,10 +111,6 @@ class QuietThread(threading.Thread):
             super().start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-
-    def run(self) -> None:
-        _thread_state.child_sigmask = self._child_sigmask
-        super().run()
 
 
 def _check_platform() -> None:
@@ -190,7 +185,8 @@ def spawn(
             if _HAS_MEMFD:
                 shm_fd = os.memfd_create("dask-forkmap-result", os.MFD_CLOEXEC)
             close_in_child = tuple(_parent_fds)
-            sigmask = getattr(_thread_state, "child_sigmask", None)
+            forking = threading.current_thread()
+            sigmask = forking._child_sigmask if isinstance(forking, QuietThread) else None
             parent_pid = os.getpid()
             _flush_stdio()
             started = time.monotonic()

@@ -329,10 +329,8 @@ class ForkIsolatedExecutor(Executor):
             return self.fallback.submit(fn, *args, **kwargs)
         run_spec, data, time_delay = args
         key = getattr(run_spec, "key", None)
-        outer: Future[Any] = Future()
-        start = time.time()
-        annotation = self._annotation(key)
         worker = self._worker()
+        annotation = _annotation(worker, key)
         if annotation is False and worker is not None and key is not None:
             # dask.annotate(forkmap=False): this task runs in the worker itself, set up as the worker
             # sets up tasks on its thread pool, so that get_worker() & co. work in it.
@@ -347,6 +345,8 @@ class ForkIsolatedExecutor(Executor):
                 time_delay,
             )
             return self.fallback.submit(contextvars.copy_context().run, call)
+        outer: Future[Any] = Future()
+        start = time.time()
         try:
             # Resolved here, not by ForkExecutor, because the child needs the memory limit to tell a
             # task that hit it from one that raised MemoryError by itself.
@@ -378,11 +378,6 @@ class ForkIsolatedExecutor(Executor):
             return str(worker.address) if worker is not None else "(gone)"
         except ValueError:  # not listening yet
             return "(starting)"
-
-    def _annotation(self, key: Any) -> Any:
-        worker = self._worker()
-        ts = worker.state.tasks.get(key) if worker is not None and key is not None else None
-        return (ts.annotations or {}).get(ANNOTATION) if ts is not None else None
 
     @staticmethod
     def _task_limits(run_spec: Any, annotation: Any, key: Any) -> Limits:
@@ -425,6 +420,12 @@ class ForkIsolatedExecutor(Executor):
                 outer.set_result(_reschedule_msg(now, r.time_delay))
             r.fork_future.cancel()
         self._forks.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
+def _annotation(worker: Worker | None, key: Any) -> Any:
+    """The task's ``forkmap`` annotation as the worker holds it; None if it has none."""
+    ts = worker.state.tasks.get(key) if worker is not None and key is not None else None
+    return (ts.annotations or {}).get(ANNOTATION) if ts is not None else None
 
 
 def _failure_msg(exc: BaseException, start: float, stop: float, time_delay: float) -> dict[str, Any]:

@@ -61,22 +61,20 @@ def test_never_more_children_than_max_workers(tmp_path: Path) -> None:
     counter = tmp_path / "counter"
     counter.write_text("0 0")
 
-    def task(_: int) -> None:
+    def count(delta: int) -> None:
         # Count live tasks in a file, under a file lock: the children share no memory.
         with open(counter, "r+") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             now, peak = map(int, f.read().split())
             f.seek(0)
             f.truncate()
-            f.write(f"{now + 1} {max(peak, now + 1)}")
+            f.write(f"{now + delta} {max(peak, now + delta)}")
+
+    def task(_: int) -> None:
+        count(+1)
         for _ in range(200_000):  # a little work, so the tasks overlap
             pass
-        with open(counter, "r+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            now, peak = map(int, f.read().split())
-            f.seek(0)
-            f.truncate()
-            f.write(f"{now - 1} {peak}")
+        count(-1)
 
     with ForkExecutor(3) as ex:
         list(ex.map(task, range(60), timeout=120))
