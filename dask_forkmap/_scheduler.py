@@ -16,11 +16,11 @@ Why it is shaped this way:
 * ``get_async`` keeps dask's ordering, callbacks (ProgressBar, Profiler), ``dask.config`` keys and
   error handling. It is called with ``chunksize=1`` and a window of ``num_workers * chunksize``
   tasks, so every task gets its own future (dependents and callbacks fire as soon as *it* is done)
-  while batching happens here, where the sizes of tasks are known: a child takes as many pending
-  tasks as fit in ``batch-duration`` by the durations measured for their key prefix, at most
-  ``chunksize``, and at most its share of what is pending (guided scheduling: big batches while
-  there is plenty to do, single tasks at the tail). Tasks not yet measured go alone. Dask's own
-  ``chunksize`` batches blindly: four ready tasks on two workers may all go to one process.
+  while batching happens here, where the costs are known: a child takes as many pending tasks as
+  fit in ``batch-duration`` or in a few fork round trips (both measured as the compute runs), at
+  most ``chunksize``, and at most its share of what is pending (guided scheduling), see
+  ``_Run._fill``. Tasks not yet measured go alone. Dask's own ``chunksize`` batches blindly: four
+  ready tasks on two workers may all go to one process.
 * Inputs are passed as live objects (``dumps``/``loads`` are identities): the child reads them
   copy-on-write, nothing is pickled on the way in.
 * Children are forked by the ``ForkExecutor``'s long-lived slot threads, never by the scheduler
@@ -40,8 +40,9 @@ import struct
 import sys
 import threading
 import time
+import types
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -71,7 +72,8 @@ __all__ = ["forkmap_get"]
 _core.register_wrappers(sys.modules["dask._task_spec"], sys.modules[__name__])
 
 _NAME = "forkmap"
-_AUTO_MAX_CHUNK = 64  # ``chunksize: auto``: most tasks per child
+_AUTO_MAX_CHUNK = 256  # ``chunksize: auto``: most tasks per child
+_COST_MULTIPLE = 8  # ``chunksize: auto``: a batch may hold this many fork round trips of work
 _MARK = struct.Struct("q")
 _SPARE_PER_SLOT = 1  # tasks waiting in _Run.pending per slot beyond a full batch
 
@@ -152,6 +154,32 @@ class _Pending:
         self.split: tuple[frozenset[Any], frozenset[Any]] | None = None  # see _Run._split
 
 
+def _is_container(task: Task) -> bool:
+    # A big container reaches us as a plain Task calling what a NestedContainer calls.
+    return isinstance(task, NestedContainer) or task.func is NestedContainer.to_container
+
+
+def _calls(args: Sequence[Any]) -> bool:
+    """Whether computing these task arguments calls anything beyond assembling containers."""
+    return any(isinstance(a, Task) and (not _is_container(a) or _calls(a.args)) for a in args)
+
+
+def _materialized(value: Any) -> Any:
+    """A lazy iterator a task returned (``map``, ``filter``, a generator), as a list.
+
+    dask.bag's ``map`` returns ``map`` objects: pickled as such, the user's function would run
+    wherever the value is next iterated (in the parent, by an inline ``finalize``). Consuming it
+    here keeps the work, and any crash, in the task's own child; a generator could not be pickled
+    at all. Only the built-in and itertools iterators: consuming a file or a user's iterator could
+    change what the task means.
+    """
+    if isinstance(value, Iterator) and (
+        isinstance(value, types.GeneratorType) or type(value).__module__ in ("builtins", "itertools")
+    ):
+        return list(value)
+    return value
+
+
 def _run_batch(
     batch: list[tuple[GraphNode, dict[Any, Any]]], mark: mmap.mmap | None
 ) -> tuple[list[Any], list[float], int]:
@@ -166,7 +194,7 @@ def _run_batch(
         if mark is not None:
             _MARK.pack_into(mark, 0, i)
         start = time.perf_counter()
-        values.append(task(data))
+        values.append(_materialized(task(data)))
         durations.append(time.perf_counter() - start)
     return values, durations, os.getpid()
 
@@ -219,6 +247,7 @@ class _Run:
         self.running = 0
         self.inflight: dict[Any, _Pending] = {}  # forked tasks not yet done, for rerun and naming
         self.durations: dict[str, float] = {}  # key prefix -> recent mean task duration
+        self.fork_cost = 0.0  # recent mean of a child's round trip minus the work it did
         self.pid = os.getpid()
         self._parent_only: dict[Any, bool] = {}
 
@@ -262,12 +291,10 @@ class _Run:
             return True
         if not self.options.inline or annotation is not None:
             return False
-        if isinstance(task, NestedContainer):
+        if _is_container(task):
             # Assembling a list/tuple/dict of results: the very objects, no copy through a pipe.
-            return not any(isinstance(a, Task) and not isinstance(a, NestedContainer) for a in task.args)
-        return name in self.options.inline_functions and not any(
-            isinstance(a, Task) for a in (*task.args, *task.kwargs.values())
-        )
+            return not _calls(task.args)
+        return name in self.options.inline_functions and not _calls((*task.args, *task.kwargs.values()))
 
     def _run_here(self, key: Any, task: GraphNode, data: dict[Any, Any]) -> _Outcome:
         try:
@@ -313,22 +340,39 @@ class _Run:
             batch = [self.pending.pop()]  # most recent first, as get_async's own ready stack
             first = batch[0]
             if first.split is None and first.limits is None and options.limits.timeout is None:
-                # Guided: at most our share of what is pending, so that other slots get work too.
-                room = min(options.chunksize, math.ceil(len(self.pending) / options.num_workers) + 1)
-                budget = options.batch_duration
-                if options.auto:
-                    budget -= self.durations.get(key_split(first.key), math.inf)
-                while len(batch) < room and self.pending:
-                    nxt = self.pending[-1]
-                    if nxt.split is not None or nxt.limits is not None:
-                        break
-                    if options.auto:
-                        budget -= self.durations.get(key_split(nxt.key), math.inf)
-                        if budget < 0:
-                            break
-                    batch.append(self.pending.pop())
+                self._fill(batch)
             self.running += 1
             self._fork(batch)
+
+    def _fill(self, batch: list[_Pending]) -> None:
+        """Add pending tasks to ``batch``, whose first task is already in it.
+
+        Guided: a batch takes at most its share of what is pending, so that the other slots get
+        work too. With ``chunksize: auto`` the batch is also bounded by the measured work of its
+        tasks: up to ``batch-duration`` or ``_COST_MULTIPLE`` fork round trips, whichever is more,
+        so that forking costs at most about a ninth of the time. Near the end of a compute the
+        shares shrink, but never below one fork round trip of work: a smaller batch would cost
+        more in forking than it gains in parallelism.
+        """
+        options = self.options
+        share = math.ceil(len(self.pending) / options.num_workers) + 1
+        if not options.auto:
+            while len(batch) < min(options.chunksize, share) and self.pending:
+                nxt = self.pending[-1]
+                if nxt.split is not None or nxt.limits is not None:
+                    break
+                batch.append(self.pending.pop())
+            return
+        limit = max(options.batch_duration, _COST_MULTIPLE * self.fork_cost)
+        work = self.durations.get(key_split(batch[0].key), math.inf)
+        while len(batch) < options.chunksize and self.pending:
+            nxt = self.pending[-1]
+            if nxt.split is not None or nxt.limits is not None:
+                break
+            work += self.durations.get(key_split(nxt.key), math.inf)  # not measured yet: alone
+            if work > limit or (len(batch) >= share and work > self.fork_cost):
+                break
+            batch.append(self.pending.pop())
 
     def _fork(self, batch: list[_Pending]) -> None:
         first = batch[0]
@@ -343,6 +387,7 @@ class _Run:
             mark = mmap.mmap(-1, _MARK.size) if len(batch) > 1 else None
             args = ([(item.task, item.data) for item in batch], mark)
         name = str(first.key) if len(batch) == 1 else _batch_name(first.key, len(batch))
+        started = time.perf_counter()
         try:
             child = self.executor._submit(fn, args, {}, limits=limits, task=name)
         except BaseException as exc:
@@ -350,29 +395,40 @@ class _Run:
             for item in batch:
                 self._fail(item, exc)
             return
-        child.add_done_callback(lambda f: self._done(f, batch, mark))
+        child.add_done_callback(lambda f: self._done(f, batch, mark, started))
 
-    def _done(self, child: Future[Any], batch: list[_Pending], mark: mmap.mmap | None) -> None:
+    def _done(self, child: Future[Any], batch: list[_Pending], mark: mmap.mmap | None, started: float) -> None:
         """On a slot thread: hand each task's outcome to get_async and refill the slots."""
         if child.cancelled():
             return
+        try:
+            self._deliver(child, batch, mark, started)
+        except BaseException as exc:  # a bug here must fail the compute, not leave it waiting
+            for item in batch:
+                if not item.future.done():
+                    self._fail(item, exc)
+        finally:
+            if mark is not None:
+                mark.close()
+            with self.lock:
+                self.running -= 1
+                self._dispatch()
+
+    def _deliver(self, child: Future[Any], batch: list[_Pending], mark: mmap.mmap | None, started: float) -> None:
         exc = child.exception()
-        if exc is None:
-            if batch[0].split is not None:
-                self._finish_split(batch[0], child.result())
-            else:
-                values, durations, pid = child.result()
-                for item, value, duration in zip(batch, values, durations):  # noqa: B905 - same length
-                    self._record(item.key, duration)
-                    self._complete(item, [(item.key, (value, pid), False)])
-        else:
+        if exc is not None:
             failed = batch[_MARK.unpack_from(mark)[0]] if mark is not None else batch[0]
             self._fail(failed, _name_task(exc, failed.key, batch[0].key, len(batch)))
-        if mark is not None:
-            mark.close()
-        with self.lock:
-            self.running -= 1
-            self._dispatch()
+        elif batch[0].split is not None:
+            self._finish_split(batch[0], child.result())
+        else:
+            values, durations, pid = child.result()
+            # What forking cost this child: its round trip less the work it did (see _fill).
+            cost = time.perf_counter() - started - sum(durations)
+            self.fork_cost = cost if not self.fork_cost else 0.8 * self.fork_cost + 0.2 * cost
+            for item, value, duration in zip(batch, values, durations):  # noqa: B905 - same length
+                self._record(item.key, duration)
+                self._complete(item, [(item.key, (value, pid), False)])
 
     def _finish_split(self, item: _Pending, computed: dict[Any, Any]) -> None:
         assert item.split is not None

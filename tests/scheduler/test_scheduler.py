@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 import warnings
+from concurrent.futures import Future
 
 import dask
 import dask.array as da
@@ -17,11 +18,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from dask import delayed
+from dask._task_spec import Task
+from dask.callbacks import Callback
 from dask.utils_test import GetFunctionTestMixin
 
 import dask_forkmap._scheduler  # noqa: F401 - registers "forkmap" until __init__ imports it
 from dask_forkmap import ChildCrashed, TaskTimeoutError
-from dask_forkmap._scheduler import forkmap_get
+from dask_forkmap._scheduler import _Options, _Pending, _Run, forkmap_get
 
 pytestmark = pytest.mark.usefixtures("no_children_left")
 
@@ -305,6 +308,39 @@ def test_segfault_raises_child_crashed_then_next_compute_works():
     assert delayed(sum)([1, 2]).compute(scheduler=forkmap_get) == 3
 
 
+def _batch_size(pending, duration, fork_cost):
+    """How many tasks the next child takes with chunksize auto, 2 workers, batch-duration 20 ms:
+    ``pending`` tasks of one key prefix measured at ``duration`` s, forks measured at ``fork_cost`` s."""
+    with dask.config.set({"forkmap.scheduler.batch-duration": "20ms"}):
+        run = _Run(_Options(2, "auto", None, None, None), {}, rerun=False)
+    try:
+        if duration is not None:
+            run.durations["t"] = duration
+        run.fork_cost = fork_cost
+        run.pending.extend(_Pending(("t", i), Task(("t", i), int), {}, None, Future()) for i in range(pending))
+        batch = [run.pending.pop()]
+        run._fill(batch)
+        return len(batch)
+    finally:
+        run.executor.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("pending", "duration", "fork_cost", "expected"),
+    [
+        (1000, 0.9e-3, 1e-3, 22),  # cheap forks: batch-duration's worth of work
+        (1000, 0.9e-3, 10e-3, 88),  # dear forks: 8 fork round trips' worth, so forking is ~1/9 of the time
+        (1000, 1e-5, 10e-3, 256),  # at most 256 tasks
+        (100, 0.9e-3, 10e-3, 51),  # at most the child's share of what is pending (99 / 2 + 1)
+        (100, 1e-5, 10e-3, 100),  # the tail: not split below a fork's worth of work
+        (6, 8e-3, 10e-3, 4),  # ... but split into shares when there is more
+        (1000, None, 1e-3, 1),  # not measured yet: alone
+    ],
+)
+def test_auto_batch_size(pending, duration, fork_cost, expected):
+    assert _batch_size(pending, duration, fork_cost) == expected
+
+
 def test_crash_in_batch_names_the_task():
     # Many tiny tasks batched into few children (auto chunksize, one worker); the error names the
     # task that crashed (partition 150 holds item 150), not the batch or its first task.
@@ -321,6 +357,48 @@ def test_crash_in_batch_names_the_task():
     assert re.fullmatch(rf"\('([\w-]+-)?{re.escape(b.name)}', 150\)", key), key
     assert str(info.value).startswith(f"the child running {key} (pid {info.value.pid}) was killed by SIGSEGV")
     assert "one of a batch" not in str(info.value)
+
+
+def test_lazy_partitions_are_consumed_in_their_child():
+    # A partition function returning map(f, part): sent back as a lazy map object, f would run
+    # where the partitions are next iterated, in the parent, which concatenates them (an inline
+    # `finalize`), and this segfault would take the test process down.
+    def f(i):
+        if i == 5:
+            _segfault()
+        return i
+
+    b = db.from_sequence(range(8), npartitions=4).map_partitions(lambda part: map(f, part))
+    with pytest.raises(ChildCrashed) as info:
+        b.compute(scheduler=forkmap_get)
+    assert re.fullmatch(rf"\('([\w-]+-)?{re.escape(b.name)}', 2\)", info.value.task), info.value.task
+    pids = db.from_sequence(range(8), npartitions=4).map_partitions(lambda part: map(lambda _: os.getpid(), part))
+    assert os.getpid() not in pids.compute(scheduler=forkmap_get)
+
+
+def test_generator_partitions_come_back_as_lists():
+    # as with the threads scheduler; a generator itself cannot leave the child
+    b = db.from_sequence(range(10), npartitions=3).map_partitions(lambda part: (x * 2 for x in part))
+    assert b.compute(scheduler=forkmap_get) == [x * 2 for x in range(10)]
+
+
+@pytest.mark.parametrize("npartitions", [3, 150])  # 150: dask hands the partitions over as a plain Task
+def test_bag_concatenation_runs_in_the_parent(npartitions):
+    # The items of the computed bag are the very objects of the partitions handed to the parent:
+    # concatenating them in a child would have sent copies back.
+    partitions = []
+
+    class Record(Callback):
+        def _posttask(self, key, result, dsk, state, worker_id):
+            if isinstance(result, list) and not str(key).startswith("finalize"):
+                partitions.append(result)
+
+    b = db.from_sequence(range(300), npartitions=npartitions).map_partitions(lambda part: [[x] for x in part])
+    with Record():
+        out = b.compute(scheduler=forkmap_get)
+    assert out == [[x] for x in range(300)]
+    held = {id(item) for part in partitions for item in part}
+    assert all(id(item) in held for item in out)
 
 
 def test_crash_in_batch_is_batched():
