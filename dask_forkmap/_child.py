@@ -49,7 +49,8 @@ try:  # Resolve prctl once, in the parent: the child then pays only for the call
     _prctl: Callable[..., int] | None = (
         ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
     )
-except (ImportError, OSError, AttributeError):  # pragma: no cover - no ctypes, or no prctl
+except (ImportError, OSError, AttributeError, TypeError):  # pragma: no cover - no ctypes, or no prctl
+    # TypeError: CDLL(None) where dlopen(NULL) does not exist (Windows).
     _prctl = None
 
 
@@ -154,22 +155,23 @@ def _run(
 
 
 def _encode(kind: int, payload: Any, shm_fd: int) -> list[Any]:
+    # The result's type travels outside the pickle, so the parent can name it if unpickling fails.
+    type_name = _qualname(type(payload[0])) if kind == KIND_VALUE else ""
     try:
         stream, buffers = _transport.dumps(payload)
     except Exception as exc:
         if kind != KIND_VALUE:
             raise
-        value, warns = payload
-        type_name = _qualname(type(value))
+        warns = payload[1]
         err = ResultPicklingError(
             f"the task's result of type {type_name} cannot be pickled, so it cannot leave the child "
             f"({type(exc).__name__}: {exc}); return something picklable, for example plain data",
             type_name=type_name,
             reason=f"{type(exc).__name__}: {exc}",
         )
-        kind = KIND_ERROR
+        kind, type_name = KIND_ERROR, ""
         stream, buffers = _transport.dumps((err, warns))
-    return _transport.encode(kind, stream, buffers, shm_fd)
+    return _transport.encode(kind, stream, buffers, shm_fd, type_name)
 
 
 def _describe(exc: BaseException, log: list[warnings.WarningMessage]) -> tuple[Any, ...]:

@@ -334,10 +334,12 @@ class Child:
             try:
                 payload = reader.loads(self.shm_fd)
             except Exception as exc:
+                type_name = reader.type_name()
+                of_type = f" (of type {type_name})" if type_name else ""
                 raise ResultUnpicklingError(
-                    f"the result of {self.task} arrived but cannot be unpickled in this process "
+                    f"the result of {self.task}{of_type} arrived but cannot be unpickled in this process "
                     f"({type(exc).__name__}: {exc}); return types this process can import",
-                    type_name=None,
+                    type_name=type_name,
                     reason=f"{type(exc).__name__}: {exc}",
                 ) from exc
         finally:

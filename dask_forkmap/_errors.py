@@ -244,12 +244,13 @@ class ResultUnpicklingError(ForkMapError):
     """The child sent a result that the parent could not unpickle.
 
     Typically the result's class was defined or imported only in the child, or its ``__reduce__``
-    fails here. Return types the parent can import.
+    fails here. Return types the parent can import. The message names the result's type.
 
     Attributes
     ----------
     type_name : str or None
-        The qualified name of the result's type, when known.
+        The qualified name of the result's type, e.g. ``"mymodule.Table"``, as the child sent it
+        next to the pickle; None when what failed was not a returned value.
     reason : str
         The unpickling error, as ``"TypeName: message"``.
     """

@@ -5,16 +5,18 @@ protocol 5 (plain :mod:`pickle` first, :mod:`cloudpickle` when that fails), whic
 pickle stream and out-of-band buffers (numpy arrays, pandas blocks, anything exposing
 ``PickleBuffer``). Then, by size::
 
-    child                                              parent
-    -----                                              ------
-    small: header | table | stream | buffers ---pipe--> read the frame, loads() over it
-    large: stream, buffers --pwrite--> memfd            (created by the parent before the fork)
-           header | table ------------------pipe-----> mmap(memfd, MAP_PRIVATE), loads() over the map
+    child                                                     parent
+    -----                                                     ------
+    small: header | table | name | stream | buffers ---pipe--> read the frame, loads() over it
+    large: stream, buffers --pwrite--> memfd                   (created by the parent before the fork)
+           header | table | name -------------------pipe--> mmap(memfd, MAP_PRIVATE), loads() over the map
 
-The frame on the pipe always starts with a fixed header and a table of (offset, length) segments:
-segment 0 is the pickle stream, the rest are the out-of-band buffers, in order. Its length is known
-from the header, so the parent knows the result is complete without waiting for EOF (which a
-sibling or grandchild holding the pipe, or a slow address-space teardown, can delay by seconds).
+The frame on the pipe always starts with a fixed header, a table of (offset, length) segments and
+the name of the result's type: segment 0 is the pickle stream, the rest are the out-of-band
+buffers, in order. The name (a few bytes, UTF-8, its length in the header) lets the parent say what
+it failed to unpickle. The frame's length is known from the header, so the parent knows the result
+is complete without waiting for EOF (which a sibling or grandchild holding the pipe, or a slow
+address-space teardown, can delay by seconds).
 
 Large payloads never go through the pipe: the child writes them into an anonymous memory file
 (``memfd_create``; nothing another process can open by name) and the parent maps that file
@@ -41,8 +43,9 @@ import cloudpickle
 __all__ = ["FrameReader", "dumps", "encode", "write_all"]
 
 MAGIC = b"DFM1"
-# magic, kind, where, reserved, number of segments, bytes of data following the table
+# magic, kind, where, bytes of the type name, number of segments, bytes of data following the name
 HEADER = struct.Struct("<4sBBHIQ")
+NAME_MAX = 0xFFFF
 SEGMENT = struct.Struct("<QQ")
 
 WHERE_PIPE = 0
@@ -63,9 +66,9 @@ def _align(n: int) -> int:
     return (n + ALIGN - 1) & ~(ALIGN - 1)
 
 
-def _data_start(nsegs: int) -> int:
+def _data_start(nsegs: int, name_len: int) -> int:
     # In a pipe frame the data starts aligned, so that the aligned offsets stay aligned in memory.
-    return _align(HEADER.size + nsegs * SEGMENT.size)
+    return _align(HEADER.size + nsegs * SEGMENT.size + name_len)
 
 
 def dumps(obj: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
@@ -90,11 +93,15 @@ def dumps(obj: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
     return cloudpickle.dumps(obj, protocol=5, buffer_callback=keep), buffers
 
 
-def encode(kind: int, stream: bytes, buffers: Sequence[pickle.PickleBuffer], shm_fd: int) -> list[Any]:
+def encode(
+    kind: int, stream: bytes, buffers: Sequence[pickle.PickleBuffer], shm_fd: int, type_name: str = ""
+) -> list[Any]:
     """Lay out one payload; return the parts of the frame to write to the pipe, in order.
 
     Large payloads are written into ``shm_fd`` here (if there is one) and only described in the frame.
+    ``type_name`` travels in the frame, outside the pickle, for the parent's error if unpickling fails.
     """
+    name = type_name.encode("utf-8", "replace")[:NAME_MAX]
     segments: list[memoryview] = [memoryview(stream)]
     for buf in buffers:
         segments.append(memoryview(buf).cast("B"))
@@ -110,10 +117,11 @@ def encode(kind: int, stream: bytes, buffers: Sequence[pickle.PickleBuffer], shm
         os.ftruncate(shm_fd, size)
         for off, seg in zip(offsets, segments, strict=True):
             _pwrite_all(shm_fd, seg, off)
-        return [HEADER.pack(MAGIC, kind, WHERE_SHM, 0, len(segments), size), table]
+        return [HEADER.pack(MAGIC, kind, WHERE_SHM, len(name), len(segments), size), table, name]
 
-    header = HEADER.pack(MAGIC, kind, WHERE_PIPE, 0, len(segments), size)
-    parts: list[Any] = [header, table, bytes(_data_start(len(segments)) - len(header) - len(table))]
+    header = HEADER.pack(MAGIC, kind, WHERE_PIPE, len(name), len(segments), size)
+    pad = _data_start(len(segments), len(name)) - len(header) - len(table) - len(name)
+    parts: list[Any] = [header, table, name + bytes(pad)]
     pos = 0
     for off, seg in zip(offsets, segments, strict=True):
         if off > pos:
@@ -183,8 +191,11 @@ class FrameReader:
                 self.not_a_frame = True
                 return
             self._header = header
-            _, _, where, _, nsegs, size = header
-            self._need = _data_start(nsegs) + size if where == WHERE_PIPE else HEADER.size + nsegs * SEGMENT.size
+            _, _, where, name_len, nsegs, size = header
+            if where == WHERE_PIPE:
+                self._need = _data_start(nsegs, name_len) + size
+            else:
+                self._need = HEADER.size + nsegs * SEGMENT.size + name_len
         elif not self.not_a_frame and self._filled >= len(MAGIC) and not self._buf.startswith(MAGIC):
             self.not_a_frame = True
 
@@ -196,13 +207,25 @@ class FrameReader:
         assert self._header is not None
         return int(self._header[1])
 
+    def type_name(self) -> str | None:
+        """The qualified name of the result's type, as the child sent it; None if it sent none."""
+        assert self._header is not None
+        _, _, _, name_len, nsegs, _ = self._header
+        if not name_len:
+            return None
+        start = HEADER.size + nsegs * SEGMENT.size
+        return self._buf[start : start + name_len].decode("utf-8", "replace")
+
     def loads(self, shm_fd: int) -> Any:
         """Unpickle the complete frame; out-of-band buffers come back writable, without a copy."""
         assert self._header is not None
-        _, _, where, _, nsegs, size = self._header
+        _, _, where, name_len, nsegs, size = self._header
         table = HEADER.size
         segs = [SEGMENT.unpack_from(self._buf, table + i * SEGMENT.size) for i in range(nsegs)]
-        data = _map_private(shm_fd, size) if where == WHERE_SHM else memoryview(self._buf)[_data_start(nsegs) :]
+        if where == WHERE_SHM:
+            data = _map_private(shm_fd, size)
+        else:
+            data = memoryview(self._buf)[_data_start(nsegs, name_len) :]
         stream = data[segs[0][0] : segs[0][0] + segs[0][1]]
         buffers = [data[off : off + n] for off, n in segs[1:]]
         try:
@@ -225,24 +248,27 @@ else:
     # descriptor per live result, which a graph of many large chunks turns into EMFILE. So take an
     # anonymous mmap object (it owns its address range and holds no descriptor) and map the file over
     # that same range with MAP_FIXED; the object unmaps it when the last view of it dies.
-    _libc_mmap: Any
-    try:
-        import ctypes
+    # Only POSIX has a libc mmap to load, and only there does CDLL(None) mean "this process's own
+    # symbols": Windows raises TypeError for it, which must not make importing the package fail.
+    _libc_mmap: Any = None
+    if os.name == "posix":
+        try:
+            import ctypes
 
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc_mmap = _libc.mmap
-        _libc_mmap.restype = ctypes.c_void_p
-        _libc_mmap.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_size_t,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_long,
-        ]
-        _MAP_FIXED = getattr(mmap, "MAP_FIXED", 0x10)
-    except (ImportError, OSError, AttributeError):  # pragma: no cover - no ctypes or no libc mmap
-        _libc_mmap = None
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc_mmap = _libc.mmap
+            _libc_mmap.restype = ctypes.c_void_p
+            _libc_mmap.argtypes = [
+                ctypes.c_void_p,
+                ctypes.c_size_t,
+                ctypes.c_int,
+                ctypes.c_int,
+                ctypes.c_int,
+                ctypes.c_long,
+            ]
+            _MAP_FIXED = getattr(mmap, "MAP_FIXED", 0x10)
+        except (ImportError, OSError, AttributeError, TypeError):  # pragma: no cover - no ctypes or no libc mmap
+            _libc_mmap = None
 
     def _map_private(fd: int, size: int) -> memoryview:
         prot = mmap.PROT_READ | mmap.PROT_WRITE

@@ -29,6 +29,7 @@ from dask_forkmap import (
     ForkUnavailable,
     MemoryLimitExceeded,
     ResultPicklingError,
+    ResultUnpicklingError,
     TaskError,
     TaskInterrupted,
     TaskTimeoutError,
@@ -267,6 +268,8 @@ def test_memory_limit_does_not_block_sending_a_big_result() -> None:
         ExecutorShutdown("after shutdown"),
         TaskError("boom", type_name="x.Y", message="m", child_traceback="tb"),
         ChildCrashed("crash", pid=1, exitcode=-11, signal="SIGSEGV", crash_stack="stack", task="k"),
+        ResultPicklingError("no pickle", type_name="_thread.lock", reason="TypeError: no"),
+        ResultUnpicklingError("no unpickle", type_name="app.Table", reason="AttributeError: no Table"),
     ],
     ids=lambda e: type(e).__name__,
 )

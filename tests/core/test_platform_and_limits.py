@@ -12,9 +12,28 @@ import pytest
 
 from dask_forkmap import Limits, TaskTimeoutError, fork_map, with_limits
 
+# What Windows CPython lacks that dask_forkmap touches at import time. On 3.10-3.12 ctypes.CDLL(None)
+# raises TypeError there (dlopen(NULL) has no Windows equivalent), which once made the import fail.
+_AS_ON_WINDOWS = """
+import ctypes, os, signal
 
-def test_without_fork_import_works_and_calls_fail_clearly() -> None:
-    code = textwrap.dedent(
+class WindowsCDLL(ctypes.CDLL):
+    def __init__(self, name, *args, **kwargs):
+        if name is None:
+            raise TypeError("LoadLibrary() argument 1 must be str, not None")
+        super().__init__(name, *args, **kwargs)
+
+ctypes.CDLL = WindowsCDLL
+for module, names in ((os, ("register_at_fork", "memfd_create", "pidfd_open")), (signal, ("pthread_sigmask",))):
+    for name in names:
+        if hasattr(module, name):
+            delattr(module, name)
+"""
+
+
+@pytest.mark.parametrize("setup", ["", _AS_ON_WINDOWS], ids=["without-os.fork", "as-on-windows"])
+def test_without_fork_import_works_and_calls_fail_clearly(setup: str) -> None:
+    code = setup + textwrap.dedent(
         """
         import os
         del os.fork  # as on Windows

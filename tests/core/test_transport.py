@@ -76,16 +76,25 @@ def test_a_class_defined_in_the_task_comes_back() -> None:
     assert fork_map(make).value == 11
 
 
-def test_unpicklable_in_parent_is_reported() -> None:
+@pytest.mark.parametrize("payload", [0, 2 * _transport.PIPE_MAX], ids=["pipe", "memory-file"])
+def test_unpicklable_in_parent_is_reported(payload: int) -> None:
     class Refuses:
         def __reduce__(self):  # type: ignore[no-untyped-def]
-            return (_explode, ())
+            return (_explode, (bytes(payload),))
 
-    with pytest.raises(ResultUnpicklingError, match="cannot be unpickled"):
+    type_name = f"{__name__}.test_unpicklable_in_parent_is_reported.<locals>.Refuses"
+    with pytest.raises(ResultUnpicklingError, match="cannot be unpickled") as info:
         fork_map(Refuses)
+    err = info.value
+    assert err.type_name == type_name
+    assert f"of type {type_name}" in str(err)
+    assert err.reason == "RuntimeError: refuses to load"
+    again = pickle.loads(pickle.dumps(err))
+    assert type(again) is ResultUnpicklingError
+    assert (again.args, again.type_name, again.reason) == (err.args, err.type_name, err.reason)
 
 
-def _explode() -> None:
+def _explode(payload: bytes) -> None:
     raise RuntimeError("refuses to load")
 
 
@@ -117,7 +126,7 @@ def test_channels_have_no_name_anyone_could_open(tmp_path: object) -> None:
 
 def test_frame_reader_assembles_partial_reads() -> None:
     stream, buffers = _transport.dumps({"k": list(range(1000))})
-    parts = _transport.encode(0, stream, buffers, -1)
+    parts = _transport.encode(0, stream, buffers, -1, "builtins.dict")
     frame = b"".join(bytes(memoryview(p).cast("B")) for p in parts)
     r, w = os.pipe()
     os.set_blocking(r, False)
@@ -127,6 +136,7 @@ def test_frame_reader_assembles_partial_reads() -> None:
         assert reader.read_from(r)
         assert reader.done() == (i + 7 >= len(frame))
     assert reader.loads(-1) == {"k": list(range(1000))}
+    assert reader.type_name() == "builtins.dict"
     os.close(w)
     assert not reader.read_from(r)  # EOF
     os.close(r)
