@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import random
 import select
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -108,6 +110,70 @@ def test_fast_result_does_not_wait_for_a_slow_sibling() -> None:
         assert slow_future.result(timeout=30) == "slow"
     os.close(go_r)
     os.close(go_w)
+
+
+def _open_files() -> dict[tuple[int, int], int]:
+    """What this process's descriptors point to: (device, inode) -> file mode."""
+    files = {}
+    for fd in open_fds():
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            continue
+        files[(st.st_dev, st.st_ino)] = st.st_mode
+    return files
+
+
+def _read_line(fd: int, timeout: float) -> str:
+    data = b""
+    while not data.endswith(b"\n"):
+        assert select.select([fd], [], [], timeout)[0], "the task did not report"
+        data += os.read(fd, 65536)
+    return data.decode()
+
+
+def test_a_crash_is_reported_while_a_sibling_forked_after_it_runs() -> None:
+    # The crashing child is forked first, the slow one after it, from another slot thread: the slow
+    # one must hold none of the first one's channels, and the crash must be reported while it runs.
+    report_r, report_w = os.pipe()
+    crash_r, crash_w = os.pipe()
+    go_r, go_w = os.pipe()
+    parent_files = _open_files()
+
+    def crash_when_told() -> None:
+        os.write(report_w, f"{sorted(_open_files().items())!r}\n".encode())
+        os.read(crash_r, 1)
+        os._exit(3)
+
+    def slow() -> dict[tuple[int, int], int]:
+        held = _open_files()
+        os.write(report_w, f"{os.getpid()}\n".encode())
+        os.read(go_r, 1)  # blocks until the test lets it finish
+        return held
+
+    with ForkExecutor(2) as ex:
+        crashing = ex.submit(crash_when_told)
+        first = dict(ast.literal_eval(_read_line(report_r, 60)))
+        slow_future = ex.submit(slow)
+        slow_pid = int(_read_line(report_r, 60))
+        os.write(crash_w, b"x")
+        err = crashing.exception(timeout=60)
+        assert isinstance(err, ChildCrashed)
+        assert err.exitcode == 3
+        # Reported while the sibling is still blocked, alive and unreaped.
+        assert not slow_future.done()
+        assert slow_pid in child_pids() - child_pids(zombies_only=True)
+        os.write(go_w, b"x")
+        held = slow_future.result(timeout=60)
+    # The first child's own channels: its result pipe and (with memfd) its memory file.
+    channels = {f: mode for f, mode in first.items() if f not in parent_files}
+    channels = {f: mode for f, mode in channels.items() if stat.S_ISFIFO(mode) or stat.S_ISREG(mode)}
+    assert any(stat.S_ISFIFO(mode) for mode in channels.values()), first
+    if _core._HAS_MEMFD:
+        assert any(stat.S_ISREG(mode) for mode in channels.values()), first
+    assert not channels.keys() & held.keys(), "the sibling holds the crashed child's channels"
+    for fd in (report_r, report_w, crash_r, crash_w, go_r, go_w):
+        os.close(fd)
 
 
 def test_result_does_not_wait_for_eof() -> None:

@@ -6,7 +6,10 @@ import fcntl
 import os
 import select
 import signal
+import subprocess
+import sys
 import threading
+import time
 from concurrent.futures import CancelledError, wait
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import dask
 import dask.array as da
 import numpy as np
 import pytest
+from procs import wait_gone
 
 from dask_forkmap import ChildCrashed, ExecutorShutdown, ForkExecutor, TaskTimeoutError, with_limits
 
@@ -133,6 +137,55 @@ def test_cancel_kills_a_running_child() -> None:
         os.close(fd)
 
 
+def _start_a_grandchild_and_block(pid_w: int, go_r: int):  # type: ignore[no-untyped-def]
+    def task() -> str:
+        grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        os.write(pid_w, f"{grandchild.pid}\n".encode())
+        os.read(go_r, 1)
+        return "finished"
+
+    return task
+
+
+def _assert_gone_then_clean_up(grandchildren: list[int]) -> None:
+    try:
+        # Killed with the child's process group; a mere kill of the child would leave them to init.
+        deadline = time.monotonic() + 30
+        left = [pid for pid in grandchildren if not wait_gone(pid, max(0.0, deadline - time.monotonic()))]
+        assert not left, f"grandchildren outlived their killed child: {left}"
+    finally:
+        for pid in grandchildren:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_cancel_kills_the_childs_process_group() -> None:
+    pid_r, pid_w = os.pipe()
+    go_r, go_w = os.pipe()
+    with ForkExecutor(1) as ex:
+        future = ex.submit(_start_a_grandchild_and_block(pid_w, go_r))
+        grandchildren = _read_pids(pid_r, 1)
+        assert future.cancel()
+        _assert_gone_then_clean_up(grandchildren)
+    for fd in (pid_r, pid_w, go_r, go_w):
+        os.close(fd)
+
+
+def test_shutdown_with_cancel_futures_kills_the_process_groups() -> None:
+    pid_r, pid_w = os.pipe()
+    go_r, go_w = os.pipe()
+    ex = ForkExecutor(2)
+    futures = [ex.submit(_start_a_grandchild_and_block(pid_w, go_r)) for _ in range(2)]
+    grandchildren = _read_pids(pid_r, 2)
+    ex.shutdown(wait=True, cancel_futures=True)
+    assert all(f.cancelled() for f in futures)
+    _assert_gone_then_clean_up(grandchildren)
+    for fd in (pid_r, pid_w, go_r, go_w):
+        os.close(fd)
+
+
 def test_shutdown_with_cancel_futures_kills_and_reaps_everything() -> None:
     pid_r, pid_w = os.pipe()
     go_r, go_w = os.pipe()
@@ -186,8 +239,6 @@ def test_crash_fails_only_its_own_future() -> None:
 
 
 def test_executor_limits_and_with_limits_override() -> None:
-    import time
-
     with ForkExecutor(1, timeout=0.5) as ex:
         with pytest.raises(TaskTimeoutError) as info:
             ex.submit(time.sleep, 30).result(timeout=60)
