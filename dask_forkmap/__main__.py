@@ -1,4 +1,4 @@
-"""``python -m dask_forkmap``: the same commands as ``dask forkmap`` (``demo``, ``bench``)."""
+"""``python -m dask_forkmap``: the same commands as ``dask forkmap`` (``demo``, ``bench``); alone, the demo."""
 
 from __future__ import annotations
 

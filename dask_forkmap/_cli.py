@@ -1,5 +1,7 @@
 """The ``dask forkmap`` command line, also reachable as ``python -m dask_forkmap``.
 
+Without a subcommand it runs ``demo``: ``python -m dask_forkmap`` alone is the demo.
+
 dask's own CLI (``dask``) loads every ``dask_cli`` entry point and adds it as a subcommand, so
 this module is imported by every ``dask ...`` invocation (``dask worker`` included): it imports
 nothing heavy at module level, and each command imports what it needs when it runs.
@@ -24,11 +26,11 @@ _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 def forkmap(ctx: click.Context) -> None:
     """dask_forkmap: run Dask tasks in copy-on-write fork() children.
 
-    Start with `demo`: a segfault, a leak and a global change, isolated, and a report.
+    Without a command, runs `demo` (with its defaults): a segfault, a leak and a global change,
+    isolated, and a report.
     """
-    # Without a subcommand, show what there is: asking is not an error (click's default exits 2).
     if ctx.invoked_subcommand is None:
-        click.echo(ctx.get_help())
+        ctx.invoke(demo)
 
 
 @forkmap.command()

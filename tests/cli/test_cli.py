@@ -65,14 +65,58 @@ def test_dask_forkmap_is_a_dask_subcommand():
 
 
 @pytest.mark.timeout(HELP_WAIT + 30)
-@pytest.mark.parametrize("args", [["--help"], []], ids=["help", "no-subcommand"])
+@pytest.mark.parametrize("args", [["--help"], ["-h"]], ids=["--help", "-h"])
 def test_python_m_shows_the_commands(args):
-    # Without a subcommand the group prints its help, and that is not an error.
     result = _run(sys.executable, "-m", "dask_forkmap", *args)
     assert result.returncode == 0, result.stderr
     assert "Usage: python -m dask_forkmap" in result.stdout
     assert "demo" in result.stdout
     assert "bench" in result.stdout
+    assert "Without a command, runs `demo`" in result.stdout
+
+
+# Runs `python -m dask_forkmap ARGS` (the package's __main__) with the demo replaced by a stub that
+# prints how it was called, so that what the command line chose shows without a 10-40 s demo run.
+_STUB_DEMO = """\
+import runpy, sys
+import dask_forkmap._demo as demo
+def main(**kwargs):
+    print("demo ran with", sorted(kwargs.items()))
+    return 0
+demo.main = main
+sys.argv = ["python -m dask_forkmap", *sys.argv[1:]]
+runpy.run_module("dask_forkmap", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.timeout(HELP_WAIT + 30)
+@pytest.mark.parametrize(
+    ("args", "called"),
+    [
+        ([], "[('distributed', True), ('num_workers', 2)]"),  # alone, it is the demo with its defaults
+        (["demo"], "[('distributed', True), ('num_workers', 2)]"),
+        (["demo", "--local-only", "--workers", "3"], "[('distributed', False), ('num_workers', 3)]"),
+    ],
+    ids=["no-subcommand", "demo", "demo-with-options"],
+)
+def test_python_m_without_a_subcommand_runs_the_demo(args, called):
+    result = _run(sys.executable, "-c", _STUB_DEMO, *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines() == [f"demo ran with {called}"]
+
+
+def test_the_group_alone_invokes_the_demo_and_help_does_not(monkeypatch):
+    from dask_forkmap import _demo
+
+    calls = []
+    monkeypatch.setattr(_demo, "main", lambda **kwargs: calls.append(kwargs) or 0)
+    result = CliRunner().invoke(_cli.forkmap, [])
+    assert result.exit_code == 0, result.output
+    assert calls == [{"distributed": True, "num_workers": 2}]
+    result = CliRunner().invoke(_cli.forkmap, ["--help"])
+    assert result.exit_code == 0, result.output
+    assert "Commands:" in result.output
+    assert calls == [{"distributed": True, "num_workers": 2}]  # not run again
 
 
 @needs_proc
