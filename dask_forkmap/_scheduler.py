@@ -355,7 +355,7 @@ class _Run:
         more in forking than it gains in parallelism.
         """
         options = self.options
-        share = math.ceil(len(self.pending) / options.num_workers) + 1
+        share = math.ceil((len(self.pending) + 1) / options.num_workers)  # + 1: batch[0]
         if not options.auto:
             while len(batch) < min(options.chunksize, share) and self.pending:
                 nxt = self.pending[-1]

@@ -331,9 +331,9 @@ def _batch_size(pending, duration, fork_cost):
         (1000, 0.9e-3, 1e-3, 22),  # cheap forks: batch-duration's worth of work
         (1000, 0.9e-3, 10e-3, 88),  # dear forks: 8 fork round trips' worth, so forking is ~1/9 of the time
         (1000, 1e-5, 10e-3, 256),  # at most 256 tasks
-        (100, 0.9e-3, 10e-3, 51),  # at most the child's share of what is pending (99 / 2 + 1)
+        (100, 0.9e-3, 10e-3, 50),  # at most the child's share of what is pending
         (100, 1e-5, 10e-3, 100),  # the tail: not split below a fork's worth of work
-        (6, 8e-3, 10e-3, 4),  # ... but split into shares when there is more
+        (6, 8e-3, 10e-3, 3),  # ... but split into shares when there is more
         (1000, None, 1e-3, 1),  # not measured yet: alone
     ],
 )
