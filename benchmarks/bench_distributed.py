@@ -3,8 +3,11 @@
     python benchmarks/bench_distributed.py [--quick] [--rounds N]
 
 1. Overhead: 500 small tasks with and without the plugin (client.map + gather, both threads busy), and
-   the latency of one task at a time, against the raw fork floor measured inside the worker process
-   (``fork_map`` of a no-op: what any fork-per-task design pays there).
+   the latency of one task at a time, against the fork floor measured inside the worker process
+   (``fork_map`` of a no-op: what any fork-per-task design pays there), from one thread and from two
+   threads at once, as the worker's two threads fork when both are busy: then the forks, the
+   children and the worker share two CPUs, and each fork costs more. The raw ``os.fork`` floor
+   (fork, pipe, waitpid) is measured both ways too, for comparison.
 2. Crashes: a batch where 1 task in 10 segfaults: completed tasks, worker restarts and wall time.
 
 Prints a Markdown table (medians over rounds; rounds alternate between the two set-ups).
@@ -16,11 +19,12 @@ import ctypes
 import logging
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from _common import CaseResult, Config, Progress, cli
+from _common import CaseResult, Config, Progress, cli, raw_fork
 from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import SchedulerPlugin
 
@@ -42,18 +46,29 @@ def maybe_segfault(i: int) -> int:
     return i
 
 
-def fork_floor(n: int = 200) -> float:
-    """Median seconds of fork_map(no-op) in this (the worker's) process."""
+def noop() -> None:
+    return None
+
+
+def fork_floor(n: int = 200, threads: int = 1, raw: bool = False) -> float:
+    """Median seconds of one fork of a no-op in this (the worker's) process, each of ``threads``
+    threads making ``n`` calls at once: ``fork_map``, or with ``raw`` the bare fork + pipe + waitpid."""
     from dask_forkmap import fork_map
 
-    def noop() -> None:
-        return None
+    call: Callable[[Callable[[], None]], Any] = (lambda fn: raw_fork(fn)) if raw else fork_map
+    times: list[float] = []
 
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fork_map(noop)
-        times.append(time.perf_counter() - start)
+    def loop() -> None:
+        for _ in range(n):
+            start = time.perf_counter()
+            call(noop)
+            times.append(time.perf_counter() - start)
+
+    workers = [threading.Thread(target=loop) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
     return statistics.median(times)
 
 
@@ -122,7 +137,7 @@ def overhead(
     batch: dict[bool, list[float]] = {False: [], True: []}
     latency: dict[bool, list[float]] = {False: [], True: []}
     in_executor: dict[bool, list[float]] = {False: [], True: []}
-    floors = []
+    floors: dict[str, list[float]] = {name: [] for name in FLOORS}
     for r in range(rounds):
         for isolated in (False, True):
             note(f"round {r + 1}/{rounds}: {n} tasks {'with' if isolated else 'without'} ForkIsolation")
@@ -133,7 +148,8 @@ def overhead(
                 latency[isolated].append(latency_seconds(client, latency_n))
                 in_executor[isolated].extend(client.run(executor_median).values())
                 if isolated:
-                    floors.extend(client.run(fork_floor, floor_n).values())
+                    for name, (threads, raw) in FLOORS.items():
+                        floors[name].extend(client.run(fork_floor, floor_n, threads, raw).values())
     return {"batch": batch, "latency": latency, "in_executor": in_executor, "floor": floors}
 
 
@@ -181,6 +197,10 @@ def crashes(n: int, isolated: bool, limit: float, *, gone: float = 20) -> dict[s
 
 
 WITHOUT, WITH = "without", "with ForkIsolation"
+# The floors measured in the worker: (threads forking at once, raw os.fork rather than fork_map).
+FLOOR_1, FLOOR_2 = "fork floor, 1 thread", "fork floor, 2 threads at once"
+RAW_1, RAW_2 = "raw os.fork floor, 1 thread", "raw os.fork floor, 2 threads at once"
+FLOORS = {FLOOR_1: (1, False), FLOOR_2: (2, False), RAW_1: (1, True), RAW_2: (2, True)}
 
 
 def distributed(cfg: Config, progress: Progress) -> CaseResult:
@@ -194,17 +214,25 @@ def distributed(cfg: Config, progress: Progress) -> CaseResult:
     result.add(f"{n} tasks, wall per task", per_task, WITHOUT)
     for key, group in (("latency", "one task at a time, latency"), ("in_executor", "time in the worker's executor")):
         result.add(group, {WITHOUT: o[key][False], WITH: o[key][True]}, WITHOUT)
-    result.add("time in the worker's executor", {"raw fork floor in the worker": o["floor"]}, None)
-    result.rows[-1].note = "fork_map of a no-op, median of medians"
+    result.add("fork floors in the worker", o["floor"], FLOOR_1)
+    for row in result.rows[-4:]:
+        row.note = "fork_map of a no-op" if "raw" not in row.contender else "fork + pipe + waitpid of a no-op"
     m = {
         key: {isolated: statistics.median(o[key][isolated]) for isolated in (False, True)}
         for key in ("latency", "in_executor")
     }
-    floor = statistics.median(o["floor"])
+    floor = {name: statistics.median(values) for name, values in o["floor"].items()}
+    added = {key: m[key][True] - m[key][False] for key in m}
     result.notes.append(
-        "time in the executor with ForkIsolation minus without minus the raw fork floor: "
-        f"{(m['in_executor'][True] - m['in_executor'][False] - floor) * 1e3:+.2f} ms per task; "
-        f"latency minus the floor: {(m['latency'][True] - m['latency'][False] - floor) * 1e3:+.2f} ms"
+        "ForkIsolation's own cost per task: time in the executor, with minus without, minus the floor of "
+        f"two threads forking at once (as both of the worker's threads do here): "
+        f"{(added['in_executor'] - floor[FLOOR_2]) * 1e3:+.2f} ms, or {(added['in_executor'] - floor[FLOOR_1]) * 1e3:+.2f} ms "
+        f"over the one-thread floor; latency of one task at a time, with minus without, minus the one-thread "
+        f"floor: {(added['latency'] - floor[FLOOR_1]) * 1e3:+.2f} ms"
+    )
+    result.notes.append(
+        f"two threads forking at once: fork_map {floor[FLOOR_2] / floor[FLOOR_1]:.2f}x its one-thread time, "
+        f"raw os.fork {floor[RAW_2] / floor[RAW_1]:.2f}x"
     )
 
     runs = {}
