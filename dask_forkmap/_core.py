@@ -74,6 +74,11 @@ _HAS_PIDFD = hasattr(os, "pidfd_open")
 _HAS_MEMFD = hasattr(os, "memfd_create")
 # Without pidfds (macOS, Linux < 5.3) a child's death is noticed by polling at this interval.
 _EXIT_POLL_S = 0.01
+# The main thread waits in slices of this length. CPython runs a Python signal handler (Ctrl-C's
+# KeyboardInterrupt) only when the main thread is awake: a signal taken by another thread, such as
+# a C library's helper thread that does not block signals (jemalloc's, loaded with pyarrow), or one
+# landing just before the main thread enters poll(), leaves it asleep until the child finishes.
+_MAIN_POLL_S = 0.2
 
 _fork_lock = threading.Lock()
 _parent_fds: set[int] = set()
@@ -294,12 +299,15 @@ class Child:
         reader = _transport.FrameReader()
         pipe_open = True
         exited = False
+        main_thread = threading.current_thread() is threading.main_thread()
         while True:
             timeout_ms: float | None = None
             if self.deadline is not None:
                 timeout_ms = max(0.0, (self.deadline - time.monotonic()) * 1000)
             if self.pidfd < 0:
                 timeout_ms = min(timeout_ms, _EXIT_POLL_S * 1000) if timeout_ms is not None else _EXIT_POLL_S * 1000
+            if main_thread:
+                timeout_ms = min(timeout_ms, _MAIN_POLL_S * 1000) if timeout_ms is not None else _MAIN_POLL_S * 1000
             events = poller.poll(None if timeout_ms is None else int(timeout_ms + 0.999))
             for fd, _ in events:
                 if fd == self.rfd:

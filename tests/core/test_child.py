@@ -301,6 +301,36 @@ def test_keyboard_interrupt_while_waiting_kills_and_reaps_the_child() -> None:
     os.close(pid_w)
 
 
+def test_ctrl_c_taken_by_another_thread_still_interrupts_the_wait() -> None:
+    # A Ctrl-C (process-directed) goes to any thread that does not block SIGINT: a C library's
+    # helper thread, say. CPython's handler then only flags the signal for the main thread, which
+    # must still wake up from its wait and kill the child, rather than sleep until the task is done.
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+
+    def takes_the_signal() -> None:
+        select.select([ready_r], [], [], 60)
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
+    def task() -> None:
+        os.write(ready_w, b"started")
+        time.sleep(20)
+        os.write(done_w, b"done")  # only if nobody killed it
+
+    taker = threading.Thread(target=takes_the_signal)
+    taker.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fork_map(task)
+        os.set_blocking(done_r, False)
+        with pytest.raises(BlockingIOError):
+            os.read(done_r, 10)  # the task was killed mid-way
+    finally:
+        taker.join(timeout=60)
+        for fd in (ready_r, ready_w, done_r, done_w):
+            os.close(fd)
+
+
 def test_forking_from_a_multithreaded_parent_does_not_warn_but_others_still_do() -> None:
     stop = threading.Event()
     worker = threading.Thread(target=stop.wait)
