@@ -33,6 +33,7 @@ Why it is shaped this way:
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import mmap
 import os
@@ -170,14 +171,19 @@ def _materialized(value: Any) -> Any:
     dask.bag's ``map`` returns ``map`` objects: pickled as such, the user's function would run
     wherever the value is next iterated (in the parent, by an inline ``finalize``). Consuming it
     here keeps the work, and any crash, in the task's own child; a generator could not be pickled
-    at all. Only the built-in and itertools iterators: consuming a file or a user's iterator could
-    change what the task means.
+    at all. Only the built-in and itertools iterators, and not the endless ones: consuming a file
+    or a user's iterator could change what the task means.
     """
-    if isinstance(value, Iterator) and (
-        isinstance(value, types.GeneratorType) or type(value).__module__ in ("builtins", "itertools")
+    if (
+        isinstance(value, Iterator)
+        and (isinstance(value, types.GeneratorType) or type(value).__module__ in ("builtins", "itertools"))
+        and not isinstance(value, _ENDLESS)
     ):
         return list(value)
     return value
+
+
+_ENDLESS = (itertools.count, itertools.cycle, itertools.repeat)
 
 
 def _run_batch(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import re
 import signal
@@ -380,6 +381,31 @@ def test_generator_partitions_come_back_as_lists():
     # as with the threads scheduler; a generator itself cannot leave the child
     b = db.from_sequence(range(10), npartitions=3).map_partitions(lambda part: (x * 2 for x in part))
     assert b.compute(scheduler=forkmap_get) == [x * 2 for x in range(10)]
+
+
+class Countdown:
+    """An iterator of the user's own: consuming it could change what the task meant."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.n == 0:
+            raise StopIteration
+        self.n -= 1
+        return self.n
+
+
+def test_endless_and_own_iterators_come_back_as_they_are():
+    counter = delayed(itertools.count)(5).compute(scheduler=forkmap_get)  # list() would never end
+    assert isinstance(counter, itertools.count)
+    assert next(counter) == 5
+    countdown = delayed(Countdown)(3).compute(scheduler=forkmap_get)
+    assert isinstance(countdown, Countdown)
+    assert list(countdown) == [2, 1, 0]
 
 
 @pytest.mark.parametrize("npartitions", [3, 150])  # 150: dask hands the partitions over as a plain Task
