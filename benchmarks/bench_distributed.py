@@ -89,8 +89,11 @@ def time_executor(dask_worker: Any) -> None:
 
 
 def executor_median(dask_worker: Any) -> float:
+    """The median of the times recorded since the last call, which starts a new record."""
     times: list[float] = dask_worker._bench_executor_times
-    return statistics.median(times)
+    median = statistics.median(times)
+    times.clear()
+    return median
 
 
 class WorkerArrivals(SchedulerPlugin):
@@ -136,21 +139,29 @@ def overhead(
 ) -> dict[str, Any]:
     batch: dict[bool, list[float]] = {False: [], True: []}
     latency: dict[bool, list[float]] = {False: [], True: []}
-    in_executor: dict[bool, list[float]] = {False: [], True: []}
+    in_executor: dict[bool, list[float]] = {False: [], True: []}  # one task at a time
+    in_executor_batch: dict[bool, list[float]] = {False: [], True: []}  # both threads busy
     floors: dict[str, list[float]] = {name: [] for name in FLOORS}
     for r in range(rounds):
         for isolated in (False, True):
             note(f"round {r + 1}/{rounds}: {n} tasks {'with' if isolated else 'without'} ForkIsolation")
             with cluster(isolated) as c, Client(c) as client:
                 client.gather(client.map(inc, range(50), pure=False))  # warm up: imports, first forks
-                batch[isolated].append(batch_seconds(client, n))
                 client.run(time_executor)
+                batch[isolated].append(batch_seconds(client, n))
+                in_executor_batch[isolated].extend(client.run(executor_median).values())
                 latency[isolated].append(latency_seconds(client, latency_n))
                 in_executor[isolated].extend(client.run(executor_median).values())
                 if isolated:
                     for name, (threads, raw) in FLOORS.items():
                         floors[name].extend(client.run(fork_floor, floor_n, threads, raw).values())
-    return {"batch": batch, "latency": latency, "in_executor": in_executor, "floor": floors}
+    return {
+        "batch": batch,
+        "latency": latency,
+        "in_executor": in_executor,
+        "in_executor_batch": in_executor_batch,
+        "floor": floors,
+    }
 
 
 def crashes(n: int, isolated: bool, limit: float, *, gone: float = 20) -> dict[str, Any]:
@@ -212,22 +223,28 @@ def distributed(cfg: Config, progress: Progress) -> CaseResult:
     o = overhead(rounds, n, latency_n=latency_n, floor_n=floor_n, note=progress.note)
     per_task = {label: [t / n for t in o["batch"][isolated]] for isolated, label in ((False, WITHOUT), (True, WITH))}
     result.add(f"{n} tasks, wall per task", per_task, WITHOUT)
-    for key, group in (("latency", "one task at a time, latency"), ("in_executor", "time in the worker's executor")):
+    groups = (
+        ("in_executor_batch", f"{n} tasks, time in the worker's executor"),
+        ("latency", "one task at a time, latency"),
+        ("in_executor", "one task at a time, time in the worker's executor"),
+    )
+    for key, group in groups:
         result.add(group, {WITHOUT: o[key][False], WITH: o[key][True]}, WITHOUT)
     result.add("fork floors in the worker", o["floor"], FLOOR_1)
     for row in result.rows[-4:]:
         row.note = "fork_map of a no-op" if "raw" not in row.contender else "fork + pipe + waitpid of a no-op"
     m = {
         key: {isolated: statistics.median(o[key][isolated]) for isolated in (False, True)}
-        for key in ("latency", "in_executor")
+        for key in ("latency", "in_executor", "in_executor_batch")
     }
     floor = {name: statistics.median(values) for name, values in o["floor"].items()}
     added = {key: m[key][True] - m[key][False] for key in m}
     result.notes.append(
-        "ForkIsolation's own cost per task: time in the executor, with minus without, minus the floor of "
-        f"two threads forking at once (as both of the worker's threads do here): "
-        f"{(added['in_executor'] - floor[FLOOR_2]) * 1e3:+.2f} ms, or {(added['in_executor'] - floor[FLOOR_1]) * 1e3:+.2f} ms "
-        f"over the one-thread floor; latency of one task at a time, with minus without, minus the one-thread "
+        "ForkIsolation's own cost per task, time in the executor with minus without minus the floor of the "
+        f"same concurrency: {n} tasks (both threads forking) {(added['in_executor_batch'] - floor[FLOOR_2]) * 1e3:+.2f} ms "
+        f"over the two-thread fork_map floor ({(added['in_executor_batch'] - floor[RAW_2]) * 1e3:+.2f} ms over the "
+        f"two-thread raw os.fork floor); one task at a time {(added['in_executor'] - floor[FLOOR_1]) * 1e3:+.2f} ms over "
+        f"the one-thread fork_map floor; latency of one task at a time, with minus without, minus the one-thread "
         f"floor: {(added['latency'] - floor[FLOOR_1]) * 1e3:+.2f} ms"
     )
     result.notes.append(
