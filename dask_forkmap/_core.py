@@ -75,9 +75,9 @@ _HAS_MEMFD = hasattr(os, "memfd_create")
 # Without pidfds (macOS, Linux < 5.3) a child's death is noticed by polling at this interval.
 _EXIT_POLL_S = 0.01
 # The main thread waits in slices of this length. CPython runs a Python signal handler (Ctrl-C's
-# KeyboardInterrupt) only when the main thread is awake: a signal taken by another thread, such as
-# a C library's helper thread that does not block signals (jemalloc's, loaded with pyarrow), or one
-# landing just before the main thread enters poll(), leaves it asleep until the child finishes.
+# KeyboardInterrupt) only when the main thread is awake: a signal taken by another thread that does
+# not block it (any thread the program started itself), or one landing just before the main
+# thread enters poll(), would leave it asleep until the child finishes.
 _MAIN_POLL_S = 0.2
 
 _fork_lock = threading.Lock()

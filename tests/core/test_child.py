@@ -276,6 +276,16 @@ def test_no_zombies_and_no_leaked_fds_after_10000_calls() -> None:
     assert open_fds() == fds_before
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    # A shell starts a background job with SIGINT ignored, and CPython then leaves it ignored: these
+    # tests need Ctrl-C's usual handler, whatever started pytest.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_keyboard_interrupt_while_waiting_kills_and_reaps_the_child() -> None:
     pid_r, pid_w = os.pipe()
     main = threading.get_ident()
@@ -301,10 +311,11 @@ def test_keyboard_interrupt_while_waiting_kills_and_reaps_the_child() -> None:
     os.close(pid_w)
 
 
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_ctrl_c_taken_by_another_thread_still_interrupts_the_wait() -> None:
-    # A Ctrl-C (process-directed) goes to any thread that does not block SIGINT: a C library's
-    # helper thread, say. CPython's handler then only flags the signal for the main thread, which
-    # must still wake up from its wait and kill the child, rather than sleep until the task is done.
+    # A Ctrl-C (process-directed) may go to any thread that does not block SIGINT: one of the
+    # program's own threads, say. CPython's handler then only flags the signal for the main thread,
+    # which must still wake up from its wait and kill the child, not sleep until the task is done.
     ready_r, ready_w = os.pipe()
     done_r, done_w = os.pipe()
 
