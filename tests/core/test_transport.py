@@ -40,6 +40,26 @@ def test_big_result_is_a_private_copy() -> None:
     assert source[-1] == 8 * MiB - 1
 
 
+def _private_mib() -> float:
+    with open("/proc/self/smaps_rollup") as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    return sum(int(fields[k].split()[0]) for k in ("Private_Clean", "Private_Dirty")) / 1024
+
+
+def test_big_result_is_mapped_not_copied_on_arrival() -> None:
+    # Pages of a big result are mapped as it is read and copied as it is written, not all at once on
+    # arrival: a result that is only read never costs a copy in the parent.
+    source = np.ones(64 * MiB // 8)
+    before = _private_mib()
+    result = fork_map(lambda: source)
+    arrived = _private_mib()
+    assert arrived - before < 16, f"the result's pages were copied on arrival: +{arrived - before:.0f} MiB"
+    result[: len(result) // 2] = 2.0  # writing copies the pages written, and only those
+    assert 24 < _private_mib() - before < 48
+    assert result.sum() == 1.5 * len(result)
+    assert source[0] == 1.0
+
+
 def test_large_in_band_payloads_use_the_memory_file() -> None:
     blob = os.urandom(8 * MiB)
     text = "x" * (3 * MiB)
