@@ -168,8 +168,8 @@ def _calls(args: Sequence[Any]) -> bool:
 def _materialized(value: Any) -> Any:
     """A lazy iterator a task returned (``map``, ``filter``, a generator), as a list.
 
-    dask.bag's ``map`` returns ``map`` objects: pickled as such, the user's function would run
-    wherever the value is next iterated (in the parent, by an inline ``finalize``). Consuming it
+    A bag partition function may return ``map(f, part)``: pickled as such, ``f`` would run wherever
+    the value is next iterated (in the parent, by the inline ``finalize``). Consuming it
     here keeps the work, and any crash, in the task's own child; a generator could not be pickled
     at all. Only the built-in and itertools iterators, and not the endless ones: consuming a file
     or a user's iterator could change what the task means.
