@@ -49,7 +49,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NoReturn, ParamSpec, TypeVar
 
 from . import _child, _transport
@@ -176,8 +176,13 @@ def spawn(
     kwargs: dict[str, Any],
     limits: Limits,
     task: str | None = None,
+    sigmask: Iterable[int] | None = None,
 ) -> Child:
-    """Fork a child running ``fn(*args, **kwargs)`` under ``limits`` (overridden by ``with_limits``)."""
+    """Fork a child running ``fn(*args, **kwargs)`` under ``limits`` (overridden by ``with_limits``).
+
+    ``sigmask``: the signal mask the child restores, for a caller that blocked signals around the
+    call (default: that of the thread that started a :class:`QuietThread`, or the current one).
+    """
     _check_platform()
     fn, own = split(fn)
     limits = own.over(limits)
@@ -191,7 +196,8 @@ def spawn(
                 shm_fd = os.memfd_create("dask-forkmap-result", os.MFD_CLOEXEC)
             close_in_child = tuple(_parent_fds)
             forking = threading.current_thread()
-            sigmask = forking._child_sigmask if isinstance(forking, QuietThread) else None
+            if sigmask is None and isinstance(forking, QuietThread):
+                sigmask = forking._child_sigmask
             parent_pid = os.getpid()
             _flush_stdio()
             started = time.monotonic()
@@ -222,26 +228,54 @@ def spawn(
                 )
             finally:
                 os._exit(_child.EXIT_INTERNAL)
-        os.close(wfd)
-        try:
-            # Also done by the child; doing it here too closes the race where we killpg first.
-            os.setpgid(pid, pid)
-        except OSError:
-            pass
+        # Until the Child below exists, nobody else could kill or reap this child: an exception on
+        # the way (a Ctrl-C whose handler runs here) must take it down before propagating.
         pidfd = -1
-        if _HAS_PIDFD:
+        try:
+            # -1 first: the handler may run as close() returns, and a second close could hit a
+            # descriptor another thread has opened since.
+            fd, wfd = wfd, -1
+            os.close(fd)
             try:
-                pidfd = os.pidfd_open(pid)
-            except OSError:  # kernel without pidfd support: fall back to polling
-                pidfd = -1
-        _parent_fds.update(fd for fd in (rfd, shm_fd, pidfd) if fd >= 0)
-    os.set_blocking(rfd, False)
-    deadline = started + limits.timeout if limits.timeout is not None else None
-    child = Child(pid, rfd, shm_fd, pidfd, limits, deadline, task or _describe_task(fn))
-    if limits.memory_limit is not None:
-        # To tell, if the child dies, whether it came near its memory limit.
-        child.rss_at_fork = _anonymous_rss()
+                # Also done by the child; doing it here too closes the race where we killpg first.
+                os.setpgid(pid, pid)
+            except OSError:
+                pass
+            if _HAS_PIDFD:
+                try:
+                    pidfd = os.pidfd_open(pid)
+                except OSError:  # kernel without pidfd support: fall back to polling
+                    pidfd = -1
+            _parent_fds.update(fd for fd in (rfd, shm_fd, pidfd) if fd >= 0)
+        except BaseException:
+            _parent_fds.difference_update((rfd, shm_fd, pidfd))  # we hold _fork_lock here
+            _abandon(pid, rfd, wfd, shm_fd, pidfd)
+            raise
+    try:
+        os.set_blocking(rfd, False)
+        deadline = started + limits.timeout if limits.timeout is not None else None
+        child = Child(pid, rfd, shm_fd, pidfd, limits, deadline, task or _describe_task(fn))
+        if limits.memory_limit is not None:
+            # To tell, if the child dies, whether it came near its memory limit.
+            child.rss_at_fork = _anonymous_rss()
+    except BaseException:
+        with _fork_lock:
+            _parent_fds.difference_update((rfd, shm_fd, pidfd))
+        _abandon(pid, rfd, -1, shm_fd, pidfd)
+        raise
     return child
+
+
+def _abandon(pid: int, *fds: int) -> None:
+    """Kill and reap a child that has no Child yet, and close its channels (not in _parent_fds)."""
+    _killpg(pid)
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+    for fd in fds:
+        if fd >= 0:
+            os.close(fd)
 
 
 def _anonymous_rss() -> int:
@@ -273,21 +307,23 @@ class Child:
         self.rss_at_fork = 0
         self._done = False
 
-    def collect(self, wake_fd: int = -1) -> Any:
+    def collect(self, wake_fd: int = -1, *, release: Iterable[int] | None = None) -> Any:
         """Wait for the child's outcome; return the task's value or raise its error.
 
         If ``wake_fd`` becomes readable first, raise :class:`Woken` with the child still running; the
-        owner then decides (``kill``, or ``collect`` again). Any other exception while waiting
-        (``KeyboardInterrupt``) kills and reaps the child before it propagates.
+        owner then decides (``kill``, or ``collect`` again). Any other exception before the outcome
+        is in hand (``KeyboardInterrupt``) kills and reaps the child before it propagates.
+        ``release``: the signal mask to restore once that guard is in place (see :func:`fork_map`).
         """
         try:
-            reader = self._wait(wake_fd)
+            if release is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, release)
+            return self._finish(self._wait(wake_fd))
         except Woken:
             raise
         except BaseException:
-            self.kill()
+            self.kill()  # no-op once _finish has taken the outcome
             raise
-        return self._finish(reader)
 
     def _wait(self, wake_fd: int) -> _transport.FrameReader:
         poller = select.poll()
@@ -694,6 +730,27 @@ def fork_map(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
     >>> fork_map(lambda: value * 10)
     40
     """
-    child = spawn(fn, args, kwargs, Limits.from_config())
-    result: R = child.collect()
+    # A Ctrl-C handled between the fork and collect()'s guard would leave the child running and
+    # unreaped. Signals sent to this (the main) thread are held from before the fork until
+    # collect() is ready to kill the child; one taken by another thread is flagged for this one
+    # all the same, and spawn() and the guard below catch what it raises. What remains is the
+    # instant between a call returning and its result being stored, which Python cannot close.
+    held = _hold_signals()
+    child: Child | None = None
+    try:
+        child = spawn(fn, args, kwargs, Limits.from_config(), sigmask=held)
+        result: R = child.collect(release=held)
+    except BaseException:
+        if held is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        if child is not None:
+            child.kill()  # no-op if collect() already killed it or took its outcome
+        raise
     return result
+
+
+def _hold_signals() -> set[int | signal.Signals] | None:
+    """Block asynchronous signals on the main thread; return the mask to restore (None: nothing held)."""
+    if not _ASYNC_SIGNALS or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)

@@ -342,6 +342,42 @@ def test_ctrl_c_taken_by_another_thread_still_interrupts_the_wait() -> None:
             os.close(fd)
 
 
+_INTERRUPT_AFTER_FORK: list[int] = []  # the thread to signal right after our next fork, if any
+
+
+def _interrupt_after_fork() -> None:
+    if _INTERRUPT_AFTER_FORK:
+        signal.pthread_kill(_INTERRUPT_AFTER_FORK.pop(), signal.SIGINT)
+
+
+os.register_at_fork(after_in_parent=_interrupt_after_fork)
+
+
+@pytest.mark.usefixtures("ctrl_c_raises")
+def test_ctrl_c_right_after_the_fork_still_kills_and_reaps_the_child() -> None:
+    # The interrupt arrives while fork_map is still setting the child up, before it waits for it:
+    # it must still reach the wait, kill the child and reap it, not leave it running.
+    done_r, done_w = os.pipe()
+
+    def task() -> None:
+        time.sleep(20)
+        os.write(done_w, b"done")  # only if nobody killed it
+
+    before = child_pids()
+    _INTERRUPT_AFTER_FORK.append(threading.get_ident())
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fork_map(task)
+        assert not (child_pids() - before), "the interrupted child was left behind"
+        os.set_blocking(done_r, False)
+        with pytest.raises(BlockingIOError):
+            os.read(done_r, 10)
+    finally:
+        _INTERRUPT_AFTER_FORK.clear()
+        os.close(done_r)
+        os.close(done_w)
+
+
 def test_forking_from_a_multithreaded_parent_does_not_warn_but_others_still_do() -> None:
     stop = threading.Event()
     worker = threading.Thread(target=stop.wait)
