@@ -247,22 +247,20 @@ def spawn(
                 except OSError:  # kernel without pidfd support: fall back to polling
                     pidfd = -1
             _parent_fds.update(fd for fd in (rfd, shm_fd, pidfd) if fd >= 0)
+            os.set_blocking(rfd, False)
+            deadline = started + limits.timeout if limits.timeout is not None else None
+            child = Child(pid, rfd, shm_fd, pidfd, limits, deadline, task or _describe_task(fn))
         except BaseException:
             _parent_fds.difference_update((rfd, shm_fd, pidfd))  # we hold _fork_lock here
             _abandon(pid, rfd, wfd, shm_fd, pidfd)
             raise
-    try:
-        os.set_blocking(rfd, False)
-        deadline = started + limits.timeout if limits.timeout is not None else None
-        child = Child(pid, rfd, shm_fd, pidfd, limits, deadline, task or _describe_task(fn))
-        if limits.memory_limit is not None:
+    if limits.memory_limit is not None:
+        try:
             # To tell, if the child dies, whether it came near its memory limit.
             child.rss_at_fork = _anonymous_rss()
-    except BaseException:
-        with _fork_lock:
-            _parent_fds.difference_update((rfd, shm_fd, pidfd))
-        _abandon(pid, rfd, -1, shm_fd, pidfd)
-        raise
+        except BaseException:
+            child.kill()
+            raise
     return child
 
 
@@ -335,15 +333,17 @@ class Child:
         reader = _transport.FrameReader()
         pipe_open = True
         exited = False
-        main_thread = threading.current_thread() is threading.main_thread()
+        # The longest single poll: short without a pidfd (exits are polled for), and on the main thread.
+        slice_ms: float | None = None
+        if self.pidfd < 0:
+            slice_ms = _EXIT_POLL_S * 1000
+        elif threading.current_thread() is threading.main_thread():
+            slice_ms = _MAIN_POLL_S * 1000
         while True:
-            timeout_ms: float | None = None
+            timeout_ms = slice_ms
             if self.deadline is not None:
-                timeout_ms = max(0.0, (self.deadline - time.monotonic()) * 1000)
-            if self.pidfd < 0:
-                timeout_ms = min(timeout_ms, _EXIT_POLL_S * 1000) if timeout_ms is not None else _EXIT_POLL_S * 1000
-            if main_thread:
-                timeout_ms = min(timeout_ms, _MAIN_POLL_S * 1000) if timeout_ms is not None else _MAIN_POLL_S * 1000
+                left = max(0.0, (self.deadline - time.monotonic()) * 1000)
+                timeout_ms = left if timeout_ms is None else min(timeout_ms, left)
             events = poller.poll(None if timeout_ms is None else int(timeout_ms + 0.999))
             for fd, _ in events:
                 if fd == self.rfd:

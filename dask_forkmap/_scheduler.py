@@ -362,22 +362,18 @@ class _Run:
         """
         options = self.options
         share = math.ceil((len(self.pending) + 1) / options.num_workers)  # + 1: batch[0]
-        if not options.auto:
-            while len(batch) < min(options.chunksize, share) and self.pending:
-                nxt = self.pending[-1]
-                if nxt.split is not None or nxt.limits is not None:
-                    break
-                batch.append(self.pending.pop())
-            return
+        # auto: the share is enforced with the work below, which may take a small tail whole
+        room = options.chunksize if options.auto else min(options.chunksize, share)
         limit = max(options.batch_duration, _COST_MULTIPLE * self.fork_cost)
         work = self.durations.get(key_split(batch[0].key), math.inf)
-        while len(batch) < options.chunksize and self.pending:
+        while len(batch) < room and self.pending:
             nxt = self.pending[-1]
             if nxt.split is not None or nxt.limits is not None:
                 break
-            work += self.durations.get(key_split(nxt.key), math.inf)  # not measured yet: alone
-            if work > limit or (len(batch) >= share and work > self.fork_cost):
-                break
+            if options.auto:
+                work += self.durations.get(key_split(nxt.key), math.inf)  # not measured yet: alone
+                if work > limit or (len(batch) >= share and work > self.fork_cost):
+                    break
             batch.append(self.pending.pop())
 
     def _fork(self, batch: list[_Pending]) -> None:
