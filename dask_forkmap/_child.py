@@ -22,7 +22,6 @@ import faulthandler
 import gc
 import os
 import pickle
-import struct
 import sys
 import traceback
 import types
@@ -43,6 +42,7 @@ EXIT_PARENT_GONE = 74
 EXIT_INTERNAL = 75
 
 _PR_SET_PDEATHSIG = 1
+_MT_STATE_BYTES = 624 * 4  # the Mersenne Twister's state: 624 32-bit words
 
 try:  # Resolve prctl once, in the parent: the child then pays only for the call.
     import ctypes
@@ -119,9 +119,12 @@ def _become_independent(parent_pid: int, close_fds: Iterable[int], sigmask: Iter
         signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
     np_random = sys.modules.get("numpy.random")
     if np_random is not None:
-        # Only if numpy.random is already loaded: importing it costs more than the whole fork. Seeding
-        # from 128 fresh bits is ~15x cheaper than seed(), which hashes entropy through SeedSequence.
-        np_random.seed(struct.unpack("4I", os.urandom(16)))
+        # Only if numpy.random is already loaded: importing it costs more than the whole fork. A whole
+        # Mersenne Twister state of fresh OS entropy (pos 624: twist before the next draw; no cached
+        # gaussian) through the legacy set_state. seed() with an array runs a few ufuncs whose first
+        # touch copies ~120 inherited pages in a fresh child: that made every fork_map call cost 1.5-2
+        # ms more CPU than a bare fork, half the tiny task's cost when two threads fork at once.
+        np_random.set_state(("MT19937", memoryview(os.urandom(_MT_STATE_BYTES)).cast("I"), 624))
 
 
 def _run(

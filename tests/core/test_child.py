@@ -242,10 +242,20 @@ def test_crash_is_seen_while_a_grandchild_holds_the_pipe() -> None:
 
 
 def test_children_get_different_random_numbers() -> None:
-    np.random.random()  # make sure numpy's legacy global state is loaded in the parent
-    draws = [fork_map(lambda: (random.random(), float(np.random.random()))) for _ in range(4)]
+    # An odd number of legacy normal draws leaves the second of a pair cached in the global state:
+    # children must not all return that one first either.
+    np.random.standard_normal()
+    parent_state = np.random.get_state()
+    draws = [
+        fork_map(lambda: (random.random(), float(np.random.random()), float(np.random.standard_normal())))
+        for _ in range(4)
+    ]
     assert len({d[0] for d in draws}) == 4
     assert len({d[1] for d in draws}) == 4
+    assert len({d[2] for d in draws}) == 4
+    state = np.random.get_state()  # the parent's own stream is left as it was
+    assert (state[1] == parent_state[1]).all()
+    assert state[2:] == parent_state[2:]
 
 
 def test_numpy_random_is_not_imported_for_the_child() -> None:
