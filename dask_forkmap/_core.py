@@ -188,6 +188,9 @@ def spawn(
     limits = own.over(limits)
     if sys.version_info >= (3, 12):
         _quiet_fork_warning()
+    # To tell, if the child dies, whether it came near its memory limit. Read before the fork: every
+    # page the parent writes while the child lives is copied.
+    rss_at_fork = _anonymous_rss() if limits.memory_limit is not None else 0
     with _fork_lock:
         rfd, wfd = os.pipe()
         shm_fd = -1
@@ -250,16 +253,10 @@ def spawn(
             os.set_blocking(rfd, False)
             deadline = started + limits.timeout if limits.timeout is not None else None
             child = Child(pid, rfd, shm_fd, pidfd, limits, deadline, task or _describe_task(fn))
+            child.rss_at_fork = rss_at_fork
         except BaseException:
             _parent_fds.difference_update((rfd, shm_fd, pidfd))  # we hold _fork_lock here
             _abandon(pid, rfd, wfd, shm_fd, pidfd)
-            raise
-    if limits.memory_limit is not None:
-        try:
-            # To tell, if the child dies, whether it came near its memory limit.
-            child.rss_at_fork = _anonymous_rss()
-        except BaseException:
-            child.kill()
             raise
     return child
 

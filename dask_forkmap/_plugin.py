@@ -536,8 +536,14 @@ def _detach_from_worker(address: str) -> None:
 def _raise_oom_score(adj: int) -> None:
     # Raising one's own oom_score_adj needs no privilege. Under memory pressure the kernel then kills a
     # task's child, whose death is a clean task failure, rather than the worker or the nanny.
+    # os-level calls: a text file object would touch (and so copy) dozens of the worker's pages.
     try:
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write(str(adj))
+        fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.write(fd, str(adj).encode())
     except OSError:
         pass
+    finally:
+        os.close(fd)

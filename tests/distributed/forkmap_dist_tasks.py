@@ -83,6 +83,11 @@ def mixed(i: int) -> int:
     return i * 2
 
 
+def oom_score_adj(_: Any = None) -> int:
+    with open("/proc/self/oom_score_adj") as f:
+        return int(f.read())
+
+
 # Probes, run on workers with Client.run.
 
 

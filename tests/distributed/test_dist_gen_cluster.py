@@ -125,6 +125,15 @@ async def test_default_memory_limit_is_the_workers_share_per_thread(c, s, a, b):
 
 
 @gen_cluster(**NANNIES)
+async def test_children_offer_themselves_to_the_oom_killer_first(c, s, a, b):
+    await c.register_plugin(ForkIsolation())
+    workers = await c.run(t.oom_score_adj)
+    children = await c.gather(c.map(t.oom_score_adj, range(4), pure=False))
+    assert set(children) == {1000}
+    assert 1000 not in workers.values()
+
+
+@gen_cluster(**NANNIES)
 async def test_worker_api_in_child_fails_clearly(c, s, a, b):
     from distributed import get_client, get_worker, secede, worker_client
 
