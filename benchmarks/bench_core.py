@@ -53,14 +53,14 @@ def tiny_tasks(cfg: Config, progress: Progress) -> CaseResult:
     """Tiny tasks, per task."""
     from pebble import concurrent
 
-    n = cfg.size(200, 20)
+    n = cfg.size(300, 20)
     tasks = [delayed(tiny)(i, dask_key_name=f"tiny-{i}") for i in range(n)]
     # pebble's decorator forks one process per call and returns a ProcessFuture. Its keyword for
     # the start method is ``context`` (pebble 5.2's type stubs say ``mp_context``, which it ignores).
     pebble_tiny = concurrent.process(context=_fork)(tiny)  # type: ignore[call-overload]
 
-    def compute(**kwargs: Any) -> Callable[[], object]:
-        return lambda: dask.compute(*tasks, num_workers=2, **kwargs)
+    def compute(num_workers: int = 2, **kwargs: Any) -> Callable[[], object]:
+        return lambda: dask.compute(*tasks, num_workers=num_workers, **kwargs)
 
     result = CaseResult("the raw fork floor")
     with ForkExecutor(2) as executor, _fork.Pool(2, maxtasksperchild=1) as pool:
@@ -68,6 +68,7 @@ def tiny_tasks(cfg: Config, progress: Progress) -> CaseResult:
             FLOOR: lambda: [raw_fork(tiny, i) for i in range(n)],
             "fork_map, one call at a time": lambda: [fork_map(tiny, i) for i in range(n)],
             "ForkExecutor(2).map": lambda: list(executor.map(tiny, range(n))),
+            "forkmap_get, 1 worker, chunksize=1": compute(1, scheduler=forkmap_get, chunksize=1),
             "forkmap_get, 2 workers, chunksize=1": compute(scheduler=forkmap_get, chunksize=1),
             "forkmap_get, 2 workers, auto batching": compute(scheduler=forkmap_get),
             "dask threads, 2 workers": compute(scheduler="threads"),
@@ -78,8 +79,9 @@ def tiny_tasks(cfg: Config, progress: Progress) -> CaseResult:
         samples = interleaved({k: per_item(fn, n) for k, fn in contenders.items()}, cfg.rounds(7), progress)
     result.add(f"{n} tasks", samples, FLOOR)
     result.notes.append(
-        "one call at a time: fork_map and pebble run one child after another, like the floor; the "
-        "others run 2 at a time (dask processes: a fresh pool of 2 spawned workers per compute, dask's default)"
+        "one call at a time: fork_map, pebble and forkmap_get with 1 worker run one child after another, like "
+        "the floor; the others run 2 at a time (dask processes: a fresh pool of 2 spawned workers per compute, "
+        "dask's default)"
     )
     return result
 

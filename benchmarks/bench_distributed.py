@@ -2,31 +2,38 @@
 
     python benchmarks/bench_distributed.py [--quick] [--rounds N]
 
-1. Overhead: 500 small tasks with and without the plugin (client.map + gather, both threads busy), and
-   the latency of one task at a time, against the fork floor measured inside the worker process
-   (``fork_map`` of a no-op: what any fork-per-task design pays there), from one thread and from two
-   threads at once, as the worker's two threads fork when both are busy: then the forks, the
-   children and the worker share two CPUs, and each fork costs more. The raw ``os.fork`` floor
-   (fork, pipe, waitpid) is measured both ways too, for comparison.
+1. Overhead: 500 small tasks (client.map + gather, both threads busy) and the latency of one task at
+   a time, in three set-ups: the worker as it is, the worker with a bare fork-per-task executor
+   (each task's ``_run_task_simple`` in a child made by fork, pipe and waitpid, nothing else: the
+   floor of any design that forks the worker per task, measured in the same batch), and the worker
+   with ForkIsolation. The bare executor pays what forking a busy worker costs: the fork itself, and
+   the copy-on-write faults of the worker's event loop, which writes a few thousand pages per task
+   while children share them. ForkIsolation's own cost is its difference from that floor.
+   The fork floors are also measured inside the worker with its event loop blocked (``client.run``):
+   ``fork_map`` of a no-op and a bare fork + pipe + waitpid, from one thread and from two at once.
 2. Crashes: a batch where 1 task in 10 segfaults: completed tasks, worker restarts and wall time.
 
-Prints a Markdown table (medians over rounds; rounds alternate between the two set-ups).
+Prints a Markdown table (medians over rounds). The overhead set-ups share one cluster and take turns
+in blocks, in an order shuffled from round to round.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import random
 import statistics
 import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any
 
 from _common import CaseResult, Config, Progress, cli, raw_fork
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, WorkerPlugin
 from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.worker import _run_task_simple
 
 from dask_forkmap._plugin import ForkIsolation
 
@@ -106,14 +113,48 @@ class WorkerArrivals(SchedulerPlugin):
         self.arrivals += 1
 
 
-def cluster(isolated: bool) -> LocalCluster:
+class BareForkExecutor(Executor):
+    """Runs each task's ``_run_task_simple`` in a child made by a bare fork + pipe + waitpid (the floor
+    of any fork-per-task executor), at most ``nthreads`` at once. No limits, no crash handling: a
+    crashing task would hang its thread. Its name must not contain "ThreadPoolExecutor", or the
+    worker would submit a function that only works in process."""
+
+    def __init__(self, nthreads: int) -> None:
+        self._threads = ThreadPoolExecutor(nthreads, thread_name_prefix="bench-bare-fork")
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        if fn is _run_task_simple and not kwargs:
+            return self._threads.submit(raw_fork, fn, *args)
+        return self._threads.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._threads.shutdown(wait, cancel_futures=cancel_futures)
+
+
+class BareForkPerTask(WorkerPlugin):
+    name = "bench-bare-fork-per-task"
+
+    def setup(self, worker: Any) -> None:
+        self.replaced = worker.executors["default"]
+        worker.executors["default"] = BareForkExecutor(worker.state.nthreads)
+
+    def teardown(self, worker: Any) -> None:
+        bare, worker.executors["default"] = worker.executors["default"], self.replaced
+        bare.shutdown()
+
+
+WITHOUT, BARE, WITH = "without", "bare fork per task (floor)", "with ForkIsolation"
+
+
+def cluster(setup: str) -> LocalCluster:
+    plugins: dict[str, set[Any]] = {WITHOUT: set(), BARE: {BareForkPerTask()}, WITH: {ForkIsolation()}}
     return LocalCluster(
         n_workers=1,
         threads_per_worker=2,
         processes=True,
         host="127.0.0.1",
         dashboard_address=":0",
-        plugins={ForkIsolation()} if isolated else set(),
+        plugins=plugins[setup],
         # Without isolation every segfault makes the nanny log a restart; the table counts them.
         silence_logs=logging.CRITICAL,
     )
@@ -137,24 +178,40 @@ def latency_seconds(client: Client, n: int = 100) -> float:
 def overhead(
     rounds: int, n: int, *, latency_n: int = 100, floor_n: int = 200, note: Callable[[str], None] = _silent
 ) -> dict[str, Any]:
-    batch: dict[bool, list[float]] = {False: [], True: []}
-    latency: dict[bool, list[float]] = {False: [], True: []}
-    in_executor: dict[bool, list[float]] = {False: [], True: []}  # one task at a time
-    in_executor_batch: dict[bool, list[float]] = {False: [], True: []}  # both threads busy
+    """All set-ups on one cluster, in blocks interleaved round by round (the plugins are registered
+    and unregistered in between), so that a change in the machine's speed hits them alike."""
+    setups = (WITHOUT, BARE, WITH)
+    plugins: dict[str, WorkerPlugin | None] = {WITHOUT: None, BARE: BareForkPerTask(), WITH: ForkIsolation()}
+    batch: dict[str, list[float]] = {s: [] for s in setups}
+    latency: dict[str, list[float]] = {s: [] for s in setups}
+    in_executor: dict[str, list[float]] = {s: [] for s in setups}  # one task at a time
+    in_executor_batch: dict[str, list[float]] = {s: [] for s in setups}  # both threads busy
     floors: dict[str, list[float]] = {name: [] for name in FLOORS}
-    for r in range(rounds):
-        for isolated in (False, True):
-            note(f"round {r + 1}/{rounds}: {n} tasks {'with' if isolated else 'without'} ForkIsolation")
-            with cluster(isolated) as c, Client(c) as client:
-                client.gather(client.map(inc, range(50), pure=False))  # warm up: imports, first forks
-                client.run(time_executor)
-                batch[isolated].append(batch_seconds(client, n))
-                in_executor_batch[isolated].extend(client.run(executor_median).values())
-                latency[isolated].append(latency_seconds(client, latency_n))
-                in_executor[isolated].extend(client.run(executor_median).values())
-                if isolated:
-                    for name, (threads, raw) in FLOORS.items():
-                        floors[name].extend(client.run(fork_floor, floor_n, threads, raw).values())
+    shuffle = random.Random(0).sample
+    with cluster(WITHOUT) as c, Client(c) as client:
+        for r in range(rounds + 1):  # round 0 warms each set-up up: imports, first forks
+            for setup in shuffle(setups, len(setups)):
+                note(f"round {r}/{rounds}: {n} tasks, {setup}" if r else f"warm-up: {setup}")
+                plugin = plugins[setup]
+                if plugin is not None:
+                    client.register_plugin(plugin)
+                try:
+                    client.run(time_executor)
+                    seconds = batch_seconds(client, n)
+                    batch_median = client.run(executor_median).values()
+                    one_at_a_time = latency_seconds(client, latency_n)
+                    single_median = client.run(executor_median).values()
+                    if r:
+                        batch[setup].append(seconds)
+                        in_executor_batch[setup].extend(batch_median)
+                        latency[setup].append(one_at_a_time)
+                        in_executor[setup].extend(single_median)
+                    if r and setup == WITH:
+                        for name, (threads, raw) in FLOORS.items():
+                            floors[name].extend(client.run(fork_floor, floor_n, threads, raw).values())
+                finally:
+                    if plugin is not None:
+                        client.unregister_worker_plugin(plugin.name)
     return {
         "batch": batch,
         "latency": latency,
@@ -164,11 +221,11 @@ def overhead(
     }
 
 
-def crashes(n: int, isolated: bool, limit: float, *, gone: float = 20) -> dict[str, Any]:
+def crashes(n: int, setup: str, limit: float, *, gone: float = 20) -> dict[str, Any]:
     """Run the crash batch until every task is done, ``limit`` seconds have passed, or the cluster has
     had no worker for ``gone`` seconds (the nanny gave up: what is pending then stays pending)."""
     arrivals = WorkerArrivals()
-    with cluster(isolated) as c, Client(c) as client:
+    with cluster(setup) as c, Client(c) as client:
         c.scheduler.add_plugin(arrivals)
         start = time.perf_counter()
         futures = client.map(maybe_segfault, range(n), pure=False)
@@ -207,7 +264,6 @@ def crashes(n: int, isolated: bool, limit: float, *, gone: float = 20) -> dict[s
     }
 
 
-WITHOUT, WITH = "without", "with ForkIsolation"
 # The floors measured in the worker: (threads forking at once, raw os.fork rather than fork_map).
 FLOOR_1, FLOOR_2 = "fork floor, 1 thread", "fork floor, 2 threads at once"
 RAW_1, RAW_2 = "raw os.fork floor, 1 thread", "raw os.fork floor, 2 threads at once"
@@ -216,12 +272,12 @@ FLOORS = {FLOOR_1: (1, False), FLOOR_2: (2, False), RAW_1: (1, True), RAW_2: (2,
 
 def distributed(cfg: Config, progress: Progress) -> CaseResult:
     """Distributed: LocalCluster(1 worker, 2 threads) with and without ForkIsolation."""
-    rounds = cfg.rounds(3)
-    n, latency_n, floor_n = cfg.size((500, 100, 200), (50, 10, 20))
+    rounds = cfg.rounds(6)
+    n, latency_n, floor_n = cfg.size((500, 50, 100), (50, 10, 20))
     batch, limit = cfg.size((100, 300.0), (20, 60.0))
     result = CaseResult("without ForkIsolation")
     o = overhead(rounds, n, latency_n=latency_n, floor_n=floor_n, note=progress.note)
-    per_task = {label: [t / n for t in o["batch"][isolated]] for isolated, label in ((False, WITHOUT), (True, WITH))}
+    per_task = {setup: [t / n for t in times] for setup, times in o["batch"].items()}
     result.add(f"{n} tasks, wall per task", per_task, WITHOUT)
     groups = (
         ("in_executor_batch", f"{n} tasks, time in the worker's executor"),
@@ -229,33 +285,40 @@ def distributed(cfg: Config, progress: Progress) -> CaseResult:
         ("in_executor", "one task at a time, time in the worker's executor"),
     )
     for key, group in groups:
-        result.add(group, {WITHOUT: o[key][False], WITH: o[key][True]}, WITHOUT)
-    result.add("fork floors in the worker", o["floor"], FLOOR_1)
+        result.add(group, o[key], WITHOUT)
+    result.add("fork floors in the worker, event loop blocked", o["floor"], FLOOR_1)
     for row in result.rows[-4:]:
         row.note = "fork_map of a no-op" if "raw" not in row.contender else "fork + pipe + waitpid of a no-op"
-    m = {
-        key: {isolated: statistics.median(o[key][isolated]) for isolated in (False, True)}
-        for key in ("latency", "in_executor", "in_executor_batch")
-    }
+    m = {key: {setup: statistics.median(v) for setup, v in o[key].items()} for key in ("latency", "in_executor")}
+    m["batch"] = {setup: statistics.median(v) for setup, v in per_task.items()}
     floor = {name: statistics.median(values) for name, values in o["floor"].items()}
-    added = {key: m[key][True] - m[key][False] for key in m}
+    ms = {key: {setup: value * 1e3 for setup, value in values.items()} for key, values in m.items()}
+
+    def own_cost(samples: dict[str, list[float]], scale: float = 1.0) -> str:
+        # Paired round by round (the set-ups took turns on one cluster): the machine's drift cancels.
+        diffs = [(w - b) * scale * 1e3 for w, b in zip(samples[WITH], samples[BARE], strict=True)]
+        return f"{statistics.median(diffs):+.2f} ms ({min(diffs):+.2f} to {max(diffs):+.2f})"
+
     result.notes.append(
-        "ForkIsolation's own cost per task, time in the executor with minus without minus the floor of the "
-        f"same concurrency: {n} tasks (both threads forking) {(added['in_executor_batch'] - floor[FLOOR_2]) * 1e3:+.2f} ms "
-        f"over the two-thread fork_map floor ({(added['in_executor_batch'] - floor[RAW_2]) * 1e3:+.2f} ms over the "
-        f"two-thread raw os.fork floor); one task at a time {(added['in_executor'] - floor[FLOOR_1]) * 1e3:+.2f} ms over "
-        f"the one-thread fork_map floor; latency of one task at a time, with minus without, minus the one-thread "
-        f"floor: {(added['latency'] - floor[FLOOR_1]) * 1e3:+.2f} ms"
+        "ForkIsolation's own cost per task: with ForkIsolation minus the bare fork per task, round by round, "
+        f"median (range): {n} tasks, wall per task {own_cost(o['batch'], 1 / n)}; one task at a time, latency "
+        f"{own_cost(o['latency'])}"
     )
     result.notes.append(
-        f"two threads forking at once: fork_map {floor[FLOOR_2] / floor[FLOOR_1]:.2f}x its one-thread time, "
-        f"raw os.fork {floor[RAW_2] / floor[RAW_1]:.2f}x"
+        f"per-task overhead against the worker as it is ({n} tasks, wall per task, with minus without): "
+        f"ForkIsolation {ms['batch'][WITH] - ms['batch'][WITHOUT]:+.2f} ms, the bare fork per task "
+        f"{ms['batch'][BARE] - ms['batch'][WITHOUT]:+.2f} ms; the raw os.fork floor measured with the event loop "
+        f"blocked is {floor[RAW_1] * 1e3:.2f} ms"
+    )
+    result.notes.append(
+        f"two threads forking at once, event loop blocked: fork_map {floor[FLOOR_2] / floor[FLOOR_1]:.2f}x its "
+        f"one-thread time, raw os.fork {floor[RAW_2] / floor[RAW_1]:.2f}x"
     )
 
     runs = {}
-    for isolated, label in ((False, WITHOUT), (True, WITH)):
-        progress.note(f"a batch of {batch} tasks, 1 in 10 segfaults, {label}")
-        runs[label] = crashes(batch, isolated, limit)
+    for setup in (WITHOUT, WITH):
+        progress.note(f"a batch of {batch} tasks, 1 in 10 segfaults, {setup}")
+        runs[setup] = crashes(batch, setup, limit)
     notes = {}
     for label, r in runs.items():
         errors = ", ".join(f"{k}: {v}" for k, v in sorted(r["errors"].items())) or "no errors"
