@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import time
 from typing import Any
 
@@ -27,6 +28,11 @@ def segfault(_: Any = None) -> None:
 
 def abort(_: Any = None) -> None:
     os.abort()
+
+
+def killed(_: Any = None) -> None:
+    """What an OOM kill looks like from outside: SIGKILL, no chance to report."""
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def hard_exit(_: Any = None) -> None:

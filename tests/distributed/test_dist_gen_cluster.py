@@ -59,13 +59,19 @@ async def test_tasks_run_in_children_with_correct_results(c, s, a, b):
 async def test_segfault_fails_the_task_not_the_worker(c, s, a, b):
     await c.register_plugin(ForkIsolation())
     before = await _worker_pids(c)
-    for crash, signame, exitcode in ((t.segfault, "SIGSEGV", -11), (t.abort, "SIGABRT", -6), (t.hard_exit, None, 3)):
+    crashes = (
+        (t.segfault, "SIGSEGV", -11),
+        (t.abort, "SIGABRT", -6),
+        (t.killed, "SIGKILL", -9),
+        (t.hard_exit, None, 3),
+    )
+    for crash, signame, exitcode in crashes:
         future = c.submit(crash, pure=False)
         with pytest.raises(ChildCrashed) as info:
             await future.result(timeout=t.WAIT)
         assert info.value.signal == signame
         assert info.value.exitcode == exitcode
-        if signame is not None:  # the stack ends at the task, not at the worker's way into it
+        if signame in ("SIGSEGV", "SIGABRT"):  # the stack ends at the task, not at the worker's way into it
             assert info.value.crash_stack is not None
             assert info.value.crash_stack.splitlines()[-1].endswith(f" in {crash.__name__}")
         assert "the child running task" in str(info.value)
