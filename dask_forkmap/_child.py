@@ -124,7 +124,12 @@ def _become_independent(parent_pid: int, close_fds: Iterable[int], sigmask: Iter
         # gaussian) through the legacy set_state. seed() with an array runs a few ufuncs whose first
         # touch copies ~120 inherited pages in a fresh child: that made every fork_map call cost 1.5-2
         # ms more CPU than a bare fork, half the tiny task's cost when two threads fork at once.
-        np_random.set_state(("MT19937", memoryview(os.urandom(_MT_STATE_BYTES)).cast("I"), 624))
+        try:
+            np_random.set_state(("MT19937", memoryview(os.urandom(_MT_STATE_BYTES)).cast("I"), 624))
+        except ValueError:
+            # The legacy functions run on another bit generator (numpy.random.set_bit_generator),
+            # whose state has another shape; seed() seeds that one from 128 bits.
+            np_random.seed(int.from_bytes(os.urandom(16), "little"))
 
 
 def _run(

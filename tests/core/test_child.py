@@ -258,6 +258,17 @@ def test_children_get_different_random_numbers() -> None:
     assert state[2:] == parent_state[2:]
 
 
+@pytest.mark.skipif(not hasattr(np.random, "set_bit_generator"), reason="numpy < 1.25 has no set_bit_generator")
+def test_children_get_different_random_numbers_from_another_bit_generator() -> None:
+    legacy = np.random.get_bit_generator()
+    np.random.set_bit_generator(np.random.PCG64(0))
+    try:
+        draws = [fork_map(lambda: float(np.random.random())) for _ in range(4)]
+    finally:
+        np.random.set_bit_generator(legacy)
+    assert len(set(draws)) == 4
+
+
 def test_numpy_random_is_not_imported_for_the_child() -> None:
     proc = run_script(
         """
