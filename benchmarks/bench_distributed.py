@@ -7,7 +7,7 @@
    (each task's ``_run_task_simple`` in a child made by fork, pipe and waitpid, nothing else: the
    floor of any design that forks the worker per task, measured in the same batch), and the worker
    with ForkIsolation. The bare executor pays what forking a busy worker costs: the fork itself, and
-   the copy-on-write faults of the worker's event loop, which writes a few thousand pages per task
+   the copy-on-write faults of the worker's event loop, which writes about a thousand pages per task
    while children share them. ForkIsolation's own cost is its difference from that floor.
    The fork floors are also measured inside the worker with its event loop blocked (``client.run``):
    ``fork_map`` of a no-op and a bare fork + pipe + waitpid, from one thread and from two at once.
@@ -289,10 +289,8 @@ def distributed(cfg: Config, progress: Progress) -> CaseResult:
     result.add("fork floors in the worker, event loop blocked", o["floor"], FLOOR_1)
     for row in result.rows[-4:]:
         row.note = "fork_map of a no-op" if "raw" not in row.contender else "fork + pipe + waitpid of a no-op"
-    m = {key: {setup: statistics.median(v) for setup, v in o[key].items()} for key in ("latency", "in_executor")}
-    m["batch"] = {setup: statistics.median(v) for setup, v in per_task.items()}
+    batch_ms = {setup: statistics.median(v) * 1e3 for setup, v in per_task.items()}
     floor = {name: statistics.median(values) for name, values in o["floor"].items()}
-    ms = {key: {setup: value * 1e3 for setup, value in values.items()} for key, values in m.items()}
 
     def own_cost(samples: dict[str, list[float]], scale: float = 1.0) -> str:
         # Paired round by round (the set-ups took turns on one cluster): the machine's drift cancels.
@@ -306,8 +304,8 @@ def distributed(cfg: Config, progress: Progress) -> CaseResult:
     )
     result.notes.append(
         f"per-task overhead against the worker as it is ({n} tasks, wall per task, with minus without): "
-        f"ForkIsolation {ms['batch'][WITH] - ms['batch'][WITHOUT]:+.2f} ms, the bare fork per task "
-        f"{ms['batch'][BARE] - ms['batch'][WITHOUT]:+.2f} ms; the raw os.fork floor measured with the event loop "
+        f"ForkIsolation {batch_ms[WITH] - batch_ms[WITHOUT]:+.2f} ms, the bare fork per task "
+        f"{batch_ms[BARE] - batch_ms[WITHOUT]:+.2f} ms; the raw os.fork floor measured with the event loop "
         f"blocked is {floor[RAW_1] * 1e3:.2f} ms"
     )
     result.notes.append(
