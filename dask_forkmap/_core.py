@@ -252,8 +252,7 @@ def spawn(
             _parent_fds.update(fd for fd in (rfd, shm_fd, pidfd) if fd >= 0)
             os.set_blocking(rfd, False)
             deadline = started + limits.timeout if limits.timeout is not None else None
-            child = Child(pid, rfd, shm_fd, pidfd, limits, deadline, task or _describe_task(fn))
-            child.rss_at_fork = rss_at_fork
+            child = Child(pid, rfd, shm_fd, pidfd, limits, deadline, task or _describe_task(fn), rss_at_fork)
         except BaseException:
             _parent_fds.difference_update((rfd, shm_fd, pidfd))  # we hold _fork_lock here
             _abandon(pid, rfd, wfd, shm_fd, pidfd)
@@ -290,7 +289,15 @@ class Child:
     __slots__ = ("_done", "deadline", "limits", "pid", "pidfd", "rfd", "rss_at_fork", "shm_fd", "task")
 
     def __init__(
-        self, pid: int, rfd: int, shm_fd: int, pidfd: int, limits: Limits, deadline: float | None, task: str
+        self,
+        pid: int,
+        rfd: int,
+        shm_fd: int,
+        pidfd: int,
+        limits: Limits,
+        deadline: float | None,
+        task: str,
+        rss_at_fork: int = 0,
     ) -> None:
         self.pid = pid
         self.rfd = rfd
@@ -299,7 +306,7 @@ class Child:
         self.limits = limits
         self.deadline = deadline
         self.task = task
-        self.rss_at_fork = 0
+        self.rss_at_fork = rss_at_fork  # the parent's anonymous RSS at the fork; 0: not measured
         self._done = False
 
     def collect(self, wake_fd: int = -1, *, release: Iterable[int] | None = None) -> Any:
