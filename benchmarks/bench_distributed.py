@@ -146,15 +146,20 @@ class BareForkPerTask(WorkerPlugin):
 WITHOUT, BARE, WITH = "without", "bare fork per task (floor)", "with ForkIsolation"
 
 
+def plugin_for(setup: str) -> WorkerPlugin | None:
+    """The worker plugin that makes ``setup``; None for the worker as it is."""
+    return {WITHOUT: None, BARE: BareForkPerTask(), WITH: ForkIsolation()}[setup]
+
+
 def cluster(setup: str) -> LocalCluster:
-    plugins: dict[str, set[Any]] = {WITHOUT: set(), BARE: {BareForkPerTask()}, WITH: {ForkIsolation()}}
+    plugin = plugin_for(setup)
     return LocalCluster(
         n_workers=1,
         threads_per_worker=2,
         processes=True,
         host="127.0.0.1",
         dashboard_address=":0",
-        plugins=plugins[setup],
+        plugins={plugin} if plugin is not None else set(),
         # Without isolation every segfault makes the nanny log a restart; the table counts them.
         silence_logs=logging.CRITICAL,
     )
@@ -181,7 +186,7 @@ def overhead(
     """All set-ups on one cluster, in blocks interleaved round by round (the plugins are registered
     and unregistered in between), so that a change in the machine's speed hits them alike."""
     setups = (WITHOUT, BARE, WITH)
-    plugins: dict[str, WorkerPlugin | None] = {WITHOUT: None, BARE: BareForkPerTask(), WITH: ForkIsolation()}
+    plugins = {setup: plugin_for(setup) for setup in setups}
     batch: dict[str, list[float]] = {s: [] for s in setups}
     latency: dict[str, list[float]] = {s: [] for s in setups}
     in_executor: dict[str, list[float]] = {s: [] for s in setups}  # one task at a time
