@@ -22,6 +22,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -77,6 +78,32 @@ def raw_fork(fn: Callable[..., Any], *args: Any) -> Any:
         os.close(r)
         os.waitpid(pid, 0)
     return pickle.loads(buf)
+
+
+def raw_forks_in_pairs(fns: Sequence[Callable[[], Any]]) -> list[Any]:
+    """``raw_fork(fn)`` for each of ``fns``, two at a time from two threads: a ceiling for 2 workers.
+
+    No scheduler, no batching decisions, no hand-over between threads: what is left is the host's
+    own parallelism for forks and their children. Results come back in the order of ``fns``.
+    """
+    results: list[Any] = [None] * len(fns)
+    errors: list[BaseException] = []
+
+    def run(indices: range) -> None:
+        try:
+            for i in indices:
+                results[i] = raw_fork(fns[i])
+        except BaseException as exc:  # re-raised in the calling thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(range(k, len(fns), 2),)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
 def bare_fork(calls: int) -> None:

@@ -12,6 +12,7 @@ Prints a Markdown table of medians and ratios; ``report.py`` runs these with the
 
 from __future__ import annotations
 
+import functools
 import mmap
 import multiprocessing
 import statistics
@@ -34,6 +35,7 @@ from _common import (
     interleaved,
     per_item,
     raw_fork,
+    raw_forks_in_pairs,
     rss,
     thp_mode,
     timed,
@@ -44,6 +46,7 @@ from dask import delayed
 from dask_forkmap import ForkExecutor, fork_map, forkmap_get
 
 FLOOR = "raw fork + pipe + waitpid (floor)"
+PAIRED_FLOOR = "the floor from 2 threads at once (ceiling for 2 workers)"
 
 # Every process-based peer is given fork, the start method that shares the parent's memory like ours.
 _fork = multiprocessing.get_context("fork")
@@ -62,10 +65,12 @@ def tiny_tasks(cfg: Config, progress: Progress) -> CaseResult:
     def compute(num_workers: int = 2, **kwargs: Any) -> Callable[[], object]:
         return lambda: dask.compute(*tasks, num_workers=num_workers, **kwargs)
 
+    calls = [functools.partial(tiny, i) for i in range(n)]
     result = CaseResult("the raw fork floor")
     with ForkExecutor(2) as executor, _fork.Pool(2, maxtasksperchild=1) as pool:
         contenders = {
             FLOOR: lambda: [raw_fork(tiny, i) for i in range(n)],
+            PAIRED_FLOOR: lambda: raw_forks_in_pairs(calls),
             "fork_map, one call at a time": lambda: [fork_map(tiny, i) for i in range(n)],
             "ForkExecutor(2).map": lambda: list(executor.map(tiny, range(n))),
             "forkmap_get, 1 worker, chunksize=1": compute(1, scheduler=forkmap_get, chunksize=1),
@@ -82,6 +87,10 @@ def tiny_tasks(cfg: Config, progress: Progress) -> CaseResult:
         "one call at a time: fork_map, pebble and forkmap_get with 1 worker run one child after another, like "
         "the floor; the others run 2 at a time (dask processes: a fresh pool of 2 spawned workers per compute, "
         "dask's default)"
+    )
+    result.notes.append(
+        f"{PAIRED_FLOOR}: the floor's fork, pipe and waitpid run from 2 threads, each taking every other "
+        "task, with nothing scheduled: the best 2 workers forking a child per task can do on this host"
     )
     return result
 

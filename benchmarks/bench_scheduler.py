@@ -13,6 +13,7 @@ All on 2 workers. Prints a Markdown table of medians and ratios to the threads s
 
 from __future__ import annotations
 
+import functools
 import gc
 import mmap
 import sys
@@ -21,7 +22,7 @@ from collections.abc import Callable
 import dask
 import dask.bag as db
 import numpy as np
-from _common import CaseResult, Config, MiB, Progress, cli, interleaved, rss, timed
+from _common import CaseResult, Config, MiB, Progress, cli, interleaved, raw_forks_in_pairs, rss, timed
 from dask import delayed
 
 from dask_forkmap import forkmap_get
@@ -29,6 +30,12 @@ from dask_forkmap import forkmap_get
 THREADS = "dask threads"
 FORKMAP = "forkmap_get"
 PROCESSES = "dask processes"
+CEILING = "2 raw forked children, half the tasks each (ceiling)"
+CEILING_NOTE = (
+    "ceiling: 2 children forked once each (raw fork + pipe + waitpid, from 2 threads), each running half "
+    "the tasks one after another, with nothing scheduled: the best any design running the tasks in "
+    "forked children can do on this host"
+)
 
 
 def computes(*collections: object) -> dict[str, Callable[[], float]]:
@@ -40,11 +47,19 @@ def computes(*collections: object) -> dict[str, Callable[[], float]]:
     return {THREADS: compute("threads"), FORKMAP: compute(forkmap_get), PROCESSES: compute("processes")}
 
 
-def shared_graph(nbytes: int, tasks: int = 16) -> list[object]:
-    """``tasks`` reductions over strided slices of one array held in the graph."""
+def shared_contenders(nbytes: int, tasks: int = 16) -> dict[str, Callable[[], float]]:
+    """``tasks`` reductions over strided slices of one array held in the graph, and the best 2 forked
+    children can do with them: forked once each, with half the reductions each, nothing scheduled."""
     big = np.random.default_rng(0).random(nbytes // 8)
     x = delayed(big, traverse=False)
-    return [delayed(np.sum)(x[i::tasks]) for i in range(tasks)]
+    contenders = computes(*[delayed(np.sum)(x[i::tasks]) for i in range(tasks)])
+    halves = [functools.partial(_sums, big, range(k, tasks, 2), tasks) for k in (0, 1)]
+    contenders[CEILING] = timed(lambda: raw_forks_in_pairs(halves))
+    return contenders
+
+
+def _sums(big: np.ndarray, which: range, step: int) -> list[float]:
+    return [float(np.sum(big[i::step])) for i in which]
 
 
 def shared_input(cfg: Config, progress: Progress) -> CaseResult:
@@ -54,13 +69,14 @@ def shared_input(cfg: Config, progress: Progress) -> CaseResult:
     # 64 MiB on the 2-core VM, 47 s at 0.5 GiB, and at 1 GiB it ran a 24 GiB machine out of memory.
     # So it runs at the small size only.
     small, big = cfg.size((64, 512), (4, 16))
-    contenders = computes(*shared_graph(small * MiB))
+    contenders = shared_contenders(small * MiB)
     result.add(f"{small} MiB input", interleaved(contenders, cfg.rounds(3), progress), THREADS)
     del contenders
-    contenders = computes(*shared_graph(big * MiB))
+    contenders = shared_contenders(big * MiB)
     del contenders[PROCESSES]
     result.add(f"{big} MiB input", interleaved(contenders, cfg.rounds(5), progress), THREADS)
     result.notes.append(f"dask processes is not run at {big} MiB: it pickles the whole input for every task")
+    result.notes.append(CEILING_NOTE)
     return result
 
 
@@ -76,9 +92,17 @@ def gil_bound(cfg: Config, progress: Progress) -> CaseResult:
     """GIL-bound pure Python tasks."""
     count, n = cfg.size((8, 1_500_000), (4, 100_000))
     work = [delayed(spin)(n, dask_key_name=f"spin-{i}") for i in range(count)]
+    contenders = computes(*work)
+    halves = [functools.partial(_spins, n, len(range(k, count, 2))) for k in (0, 1)]
+    contenders[CEILING] = timed(lambda: raw_forks_in_pairs(halves))
     result = CaseResult("dask threads")
-    result.add(f"{count} x spin({n:_})", interleaved(computes(*work), cfg.rounds(5), progress), THREADS)
+    result.add(f"{count} x spin({n:_})", interleaved(contenders, cfg.rounds(5), progress), THREADS)
+    result.notes.append(CEILING_NOTE)
     return result
+
+
+def _spins(n: int, times: int) -> list[int]:
+    return [spin(n) for _ in range(times)]
 
 
 def bump_partition(items: list[int]) -> list[int]:
