@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import faulthandler
 import gc
+import importlib
 import os
 import pickle
+import signal
 import sys
 import traceback
 import types
@@ -43,6 +45,16 @@ EXIT_INTERNAL = 75
 
 _PR_SET_PDEATHSIG = 1
 _MT_STATE_BYTES = 624 * 4  # the Mersenne Twister's state: 624 32-bit words
+
+# The C function behind signal.pthread_sigmask, which returns the old mask as a set of ints. The
+# public wrapper turns each signal in that set into a Signals member in Python: for the mask that
+# fork_map and every child restore (all asynchronous signals), some 50 enum lookups per call, most
+# of the Python calls a fork_map call made, and in a child every page they touched was copied.
+try:
+    _signal: Any = importlib.import_module("_signal")
+except ImportError:  # pragma: no cover - not CPython
+    _signal = signal
+pthread_sigmask: Callable[[int, Iterable[int]], set[int]] | None = getattr(_signal, "pthread_sigmask", None)
 
 try:  # Resolve prctl once, in the parent: the child then pays only for the call.
     import ctypes
@@ -103,8 +115,6 @@ def _become_independent(parent_pid: int, close_fds: Iterable[int], sigmask: Iter
     except OSError:  # pragma: no cover - the parent already did it
         pass
     if _prctl is not None:
-        import signal
-
         _prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
         if os.getppid() != parent_pid:
             os._exit(EXIT_PARENT_GONE)
@@ -113,10 +123,8 @@ def _become_independent(parent_pid: int, close_fds: Iterable[int], sigmask: Iter
             os.close(fd)
         except OSError:
             pass
-    if sigmask is not None:
-        import signal
-
-        signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
+    if sigmask is not None and pthread_sigmask is not None:
+        pthread_sigmask(signal.SIG_SETMASK, sigmask)
     np_random = sys.modules.get("numpy.random")
     if np_random is not None:
         # Only if numpy.random is already loaded: importing it costs more than the whole fork. A whole

@@ -92,7 +92,7 @@ _ASYNC_SIGNALS = (
         for name in ("SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGTRAP", "SIGSYS", "SIGABRT", "SIGKILL", "SIGSTOP")
         if hasattr(signal, name)
     }
-    if hasattr(signal, "pthread_sigmask")
+    if _child.pthread_sigmask is not None
     else frozenset()
 )
 
@@ -105,17 +105,17 @@ class QuietThread(threading.Thread):
     thread get back the mask of the thread that started it.
     """
 
-    _child_sigmask: set[int | signal.Signals] | None = None
+    _child_sigmask: set[int] | None = None
 
     def start(self) -> None:
-        if not _ASYNC_SIGNALS:
+        if _child.pthread_sigmask is None or not _ASYNC_SIGNALS:
             super().start()
             return
-        mask = self._child_sigmask = signal.pthread_sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
+        mask = self._child_sigmask = _child.pthread_sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
         try:
             super().start()
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            _child.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _check_platform() -> None:
@@ -318,8 +318,8 @@ class Child:
         ``release``: the signal mask to restore once that guard is in place (see :func:`fork_map`).
         """
         try:
-            if release is not None:
-                signal.pthread_sigmask(signal.SIG_SETMASK, release)
+            if release is not None and _child.pthread_sigmask is not None:
+                _child.pthread_sigmask(signal.SIG_SETMASK, release)
             return self._finish(self._wait(wake_fd))
         except Woken:
             raise
@@ -745,16 +745,20 @@ def fork_map(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         child = spawn(fn, args, kwargs, Limits.from_config(), sigmask=held)
         result: R = child.collect(release=held)
     except BaseException:
-        if held is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        if held is not None and _child.pthread_sigmask is not None:
+            _child.pthread_sigmask(signal.SIG_SETMASK, held)
         if child is not None:
             child.kill()  # no-op if collect() already killed it or took its outcome
         raise
     return result
 
 
-def _hold_signals() -> set[int | signal.Signals] | None:
+def _hold_signals() -> set[int] | None:
     """Block asynchronous signals on the main thread; return the mask to restore (None: nothing held)."""
-    if not _ASYNC_SIGNALS or threading.current_thread() is not threading.main_thread():
+    if (
+        _child.pthread_sigmask is None
+        or not _ASYNC_SIGNALS
+        or threading.current_thread() is not threading.main_thread()
+    ):
         return None
-    return signal.pthread_sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
+    return _child.pthread_sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)

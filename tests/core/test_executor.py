@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from procs import wait_gone
 
-from dask_forkmap import ChildCrashed, ExecutorShutdown, ForkExecutor, TaskTimeoutError, with_limits
+from dask_forkmap import ChildCrashed, ExecutorShutdown, ForkExecutor, TaskTimeoutError, fork_map, with_limits
 
 
 def test_submit_and_result() -> None:
@@ -272,3 +272,21 @@ def test_slot_threads_leave_signals_to_the_main_thread() -> None:
     assert {signal.SIGINT, signal.SIGTERM, signal.SIGALRM, signal.SIGCHLD} <= slot_mask
     assert signal.SIGSEGV not in slot_mask  # a fault in a blocked thread would hang, not crash
     assert child_mask == main_mask
+
+
+def test_fork_map_on_the_main_thread_gives_its_signal_mask_back() -> None:
+    # fork_map holds signals on the main thread from before the fork until it can kill the child on
+    # a Ctrl-C; the child and the caller both end up with the caller's own mask, whatever it is.
+    assert threading.current_thread() is threading.main_thread()
+    extra = {signal.SIGUSR2}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, extra)
+    try:
+        mine = _blocked_signals("/proc/thread-self/status")
+        child_mask = fork_map(_blocked_signals, "/proc/thread-self/status")
+        after = _blocked_signals("/proc/thread-self/status")
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+    assert signal.SIGUSR2 in mine
+    assert signal.SIGINT not in mine
+    assert child_mask == mine
+    assert after == mine
