@@ -1,11 +1,13 @@
-"""The fork core against its floor and its peers: cases 1, 3 and 7 of ``report.py``.
+"""The fork core against its floor and its peers: cases 1, 3, 7 and 9 of ``report.py``.
 
-    python benchmarks/bench_core.py [--quick] [--rounds N] [--cases 1,3,7]
+    python benchmarks/bench_core.py [--quick] [--rounds N] [--cases 1,3,7,9]
 
 1. tiny tasks, per task: the raw fork floor, fork_map, ForkExecutor, forkmap_get, dask's threads and
    processes schedulers, multiprocessing.Pool(maxtasksperchild=1), pebble's concurrent.process;
 3. a big array result: an in-process copy, fork_map, a raw fork through a pipe, ProcessPoolExecutor;
-7. the cost of a fork against the parent's resident memory, in 4 KiB pages and in huge pages.
+7. the cost of a fork against the parent's resident memory, in 4 KiB pages and in huge pages;
+9. the interpreter's own heap on huge pages (glibc's malloc with its hugetlb tunable instead of
+   pymalloc): the cost of a fork and of pure-Python work, each in a fresh interpreter.
 
 Prints a Markdown table of medians and ratios; ``report.py`` runs these with the other cases.
 """
@@ -13,9 +15,13 @@ Prints a Markdown table of medians and ratios; ``report.py`` runs these with the
 from __future__ import annotations
 
 import functools
+import json
 import mmap
 import multiprocessing
+import os
+import random
 import statistics
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -194,7 +200,153 @@ def fork_cost(cfg: Config, progress: Progress) -> CaseResult:
     return result
 
 
-CASES = {1: tiny_tasks, 3: big_results, 7: fork_cost}
+# Run in a fresh interpreter per measurement: the allocator is chosen at its start. It loads what a
+# Dask user's process typically holds, then measures forks and a pure-Python loop, and prints JSON.
+_HEAP_PROBE = """
+import json, os, statistics, sys, time
+import dask, dask.array, dask.bag, distributed, numpy
+try:
+    import pandas
+except ImportError:
+    pandas = None
+from dask_forkmap import fork_map, forkmap_get
+from dask_forkmap._core import _reaper
+
+calls = int(sys.argv[1])
+
+def tiny(i):
+    return i + 1
+
+def spin(n):
+    total = 0
+    for i in range(n):
+        total += i * i % 7
+    return total
+
+def each(fn, times):
+    fn()
+    samples = []
+    for _ in range(times):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+def raw():
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+
+def cpu_per_call(fn, times):
+    fn()
+    _reaper.wait(timeout=120)
+    before = os.times()
+    for _ in range(times):
+        fn()
+    _reaper.wait(timeout=120)
+    after = os.times()
+    used = sum(after[:4]) - sum(before[:4])  # user and system time, this process and its children
+    return used / times
+
+tasks = [dask.delayed(tiny)(i, dask_key_name=f"tiny-{i}") for i in range(2 * calls)]
+
+def scheduled():
+    start = time.perf_counter()
+    dask.compute(*tasks, scheduler=forkmap_get, num_workers=2, chunksize=1)
+    return (time.perf_counter() - start) / len(tasks)
+
+heap = huge = 0
+with open("/proc/self/smaps") as f:
+    name = ""
+    for line in f:
+        fields = line.split()
+        if "-" in fields[0] and not fields[0].endswith(":"):
+            name = fields[5] if len(fields) > 5 else ""
+        elif name == "[heap]" and fields[0] in ("Rss:", "AnonHugePages:"):
+            if fields[0] == "Rss:":
+                heap += int(fields[1]) * 1024
+            else:
+                huge += int(fields[1]) * 1024
+print(json.dumps({
+    "fork_map": each(lambda: fork_map(tiny, 1), calls),
+    "fork_map_cpu": cpu_per_call(lambda: fork_map(tiny, 1), calls),
+    "raw": each(raw, calls),
+    "forkmap_get": min(scheduled() for _ in range(3)),
+    "spin": each(lambda: spin(200_000), max(3, calls // 6)),
+    "heap": heap, "huge": huge, "pandas": pandas is not None,
+}))
+"""
+
+HEAP_TUNED = "PYTHONMALLOC=malloc, glibc.malloc.hugetlb=1"
+HEAP_DEFAULT = "as started by default (pymalloc)"
+
+
+def _glibc_version() -> tuple[int, ...]:
+    try:
+        text = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError):
+        return ()
+    name, _, version = text.partition(" ")
+    return tuple(int(p) for p in version.split(".") if p.isdigit()) if name == "glibc" else ()
+
+
+def _probe(tuned: bool, calls: int) -> dict[str, Any]:
+    env = dict(os.environ)
+    if tuned:
+        env["PYTHONMALLOC"] = "malloc"
+        env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), "glibc.malloc.hugetlb=1"]))
+    out = subprocess.run(
+        [sys.executable, "-c", _HEAP_PROBE, str(calls)], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    probe: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return probe
+
+
+def heap_on_huge_pages(cfg: Config, progress: Progress) -> CaseResult:
+    """The interpreter's own heap on huge pages."""
+    result = CaseResult("the interpreter as started by default")
+    if thp_mode() != "madvise" or _glibc_version() < (2, 35):
+        result.notes.append(
+            f"not measured: glibc's hugetlb tunable needs glibc 2.35 or later and transparent huge pages in "
+            f"madvise mode (here: glibc {'.'.join(map(str, _glibc_version())) or 'absent'}, THP {thp_mode()!r})"
+        )
+        return result
+    calls = cfg.size(60, 6)
+    rounds = cfg.rounds(7)
+    names = {False: HEAP_DEFAULT, True: HEAP_TUNED}
+    groups = {
+        "fork_map": "fork_map of a tiny task, per call",
+        "fork_map_cpu": "fork_map of a tiny task, CPU per call (parent and child)",
+        "raw": "raw fork + _exit + waitpid, per call",
+        "forkmap_get": "forkmap_get, 2 workers, chunksize=1, per tiny task",
+        "spin": "pure-Python loop (200 000 multiplications), per run",
+    }
+    samples: dict[str, dict[str, list[float]]] = {g: {n: [] for n in names.values()} for g in groups}
+    last: dict[bool, dict[str, Any]] = {}
+    progress.block(2 * (rounds + 1))
+    order = random.Random(0).sample
+    for r in range(rounds + 1):  # round 0 warms the disk cache up
+        for tuned in order([False, True], 2):
+            progress.step(f"{'warm-up' if r == 0 else f'round {r}/{rounds}'}: {names[tuned]}")
+            probe = last[tuned] = _probe(tuned, calls)
+            if r:
+                for key in groups:
+                    samples[key][names[tuned]].append(probe[key])
+    for key, group in groups.items():
+        result.add(group, samples[key], HEAP_DEFAULT)
+    for tuned, probe in last.items():
+        result.notes.append(
+            f"{names[tuned]}: heap {probe['heap'] / MiB:.0f} MiB, {probe['huge'] / MiB:.0f} MiB of it on huge pages"
+        )
+    result.notes.append(
+        "each measurement is a fresh interpreter that imported dask, dask.array, dask.bag, distributed, numpy"
+        + (" and pandas" if last[False]["pandas"] else "")
+    )
+    return result
+
+
+CASES = {1: tiny_tasks, 3: big_results, 7: fork_cost, 9: heap_on_huge_pages}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """The benchmark report: every case, dask_forkmap and its alternatives side by side, in one run.
 
     pip install -e '.[bench]'
-    python benchmarks/report.py                   # full run (about 5 minutes on a 2-core VM)
+    python benchmarks/report.py                   # full run (about 7 minutes on a 2-core VM)
     python benchmarks/report.py --quick           # smoke run: tiny sizes, one round (what CI runs)
     python benchmarks/report.py --cases 1,3,5     # a subset
     python benchmarks/report.py --out /tmp/b --no-plot
@@ -17,14 +17,16 @@ Cases (ratios are to each case's reference, named in the table):
 5. many small items via bag partitions (map_partitions): forkmap_get, threads, processes;
 6. leaky tasks: how much the computing process's RSS grows, per scheduler;
 7. fork cost against the parent's memory (0.1, 1, 4 GiB; 4 KiB and transparent huge pages);
-8. distributed: a LocalCluster with and without ForkIsolation (overhead; a batch with segfaults).
+8. distributed: a LocalCluster with and without ForkIsolation (overhead; a batch with segfaults);
+9. the interpreter's own heap on huge pages (PYTHONMALLOC=malloc, glibc.malloc.hugetlb=1): fork
+   cost and pure-Python speed, each in a fresh interpreter.
 
 Each case runs in a fresh interpreter (a fork costs what the forking process holds, so no case may
 inherit another's leftovers). Each round of a case runs every contender once, in a shuffled order,
 so that changes in the machine's load hit them alike; the table shows medians. Progress goes to
 stderr, the table to stdout; the table, stamped with the machine it ran on, is also written to
 OUT/benchmark-results.md, and a plot of the ratios to OUT/benchmarks.png (OUT defaults to
-docs/_static). The cases live in bench_core.py (1, 3, 7), bench_scheduler.py (2, 4, 5, 6) and
+docs/_static). The cases live in bench_core.py (1, 3, 7, 9), bench_scheduler.py (2, 4, 5, 6) and
 bench_distributed.py (8), which also run alone. Benchmarks, not tests: nothing here asserts a time.
 """
 
@@ -58,6 +60,7 @@ CASE_MODULES = {
     6: "bench_scheduler",
     7: "bench_core",
     8: "bench_distributed",
+    9: "bench_core",
 }
 
 
