@@ -54,7 +54,14 @@ try:
     _signal: Any = importlib.import_module("_signal")
 except ImportError:  # pragma: no cover - not CPython
     _signal = signal
-pthread_sigmask: Callable[[int, Iterable[int]], set[int]] | None = getattr(_signal, "pthread_sigmask", None)
+
+
+def _no_sigmask(how: int, mask: Iterable[int]) -> set[int]:  # pragma: no cover - Windows
+    # Where there are no signal masks there is no fork either: no mask is ever held to restore.
+    return set()
+
+
+pthread_sigmask: Callable[[int, Iterable[int]], set[int]] = getattr(_signal, "pthread_sigmask", _no_sigmask)
 
 try:  # Resolve prctl once, in the parent: the child then pays only for the call.
     import ctypes
@@ -123,7 +130,7 @@ def _become_independent(parent_pid: int, close_fds: Iterable[int], sigmask: Iter
             os.close(fd)
         except OSError:
             pass
-    if sigmask is not None and pthread_sigmask is not None:
+    if sigmask is not None:
         pthread_sigmask(signal.SIG_SETMASK, sigmask)
     np_random = sys.modules.get("numpy.random")
     if np_random is not None:

@@ -92,7 +92,7 @@ _ASYNC_SIGNALS = (
         for name in ("SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGTRAP", "SIGSYS", "SIGABRT", "SIGKILL", "SIGSTOP")
         if hasattr(signal, name)
     }
-    if _child.pthread_sigmask is not None
+    if hasattr(signal, "pthread_sigmask")
     else frozenset()
 )
 
@@ -108,7 +108,7 @@ class QuietThread(threading.Thread):
     _child_sigmask: set[int] | None = None
 
     def start(self) -> None:
-        if _child.pthread_sigmask is None or not _ASYNC_SIGNALS:
+        if not _ASYNC_SIGNALS:
             super().start()
             return
         mask = self._child_sigmask = _child.pthread_sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
@@ -318,7 +318,7 @@ class Child:
         ``release``: the signal mask to restore once that guard is in place (see :func:`fork_map`).
         """
         try:
-            if release is not None and _child.pthread_sigmask is not None:
+            if release is not None:
                 _child.pthread_sigmask(signal.SIG_SETMASK, release)
             return self._finish(self._wait(wake_fd))
         except Woken:
@@ -745,7 +745,7 @@ def fork_map(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         child = spawn(fn, args, kwargs, Limits.from_config(), sigmask=held)
         result: R = child.collect(release=held)
     except BaseException:
-        if held is not None and _child.pthread_sigmask is not None:
+        if held is not None:
             _child.pthread_sigmask(signal.SIG_SETMASK, held)
         if child is not None:
             child.kill()  # no-op if collect() already killed it or took its outcome
@@ -755,10 +755,6 @@ def fork_map(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
 
 def _hold_signals() -> set[int] | None:
     """Block asynchronous signals on the main thread; return the mask to restore (None: nothing held)."""
-    if (
-        _child.pthread_sigmask is None
-        or not _ASYNC_SIGNALS
-        or threading.current_thread() is not threading.main_thread()
-    ):
+    if not _ASYNC_SIGNALS or threading.current_thread() is not threading.main_thread():
         return None
     return _child.pthread_sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
