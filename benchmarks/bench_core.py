@@ -210,18 +210,11 @@ try:
 except ImportError:
     pandas = None
 from dask_forkmap import fork_map, forkmap_get
-from dask_forkmap._core import _reaper
 
-calls = int(sys.argv[1])
-
-def tiny(i):
-    return i + 1
-
-def spin(n):
-    total = 0
-    for i in range(n):
-        total += i * i % 7
-    return total
+calls, benchmarks = int(sys.argv[1]), sys.argv[2]
+sys.path.insert(0, benchmarks)
+from _common import bare_fork, settle, tiny
+from bench_scheduler import spin
 
 def each(fn, times):
     fn()
@@ -232,19 +225,13 @@ def each(fn, times):
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
 
-def raw():
-    pid = os.fork()
-    if pid == 0:
-        os._exit(0)
-    os.waitpid(pid, 0)
-
 def cpu_per_call(fn, times):
     fn()
-    _reaper.wait(timeout=120)
+    settle()
     before = os.times()
     for _ in range(times):
         fn()
-    _reaper.wait(timeout=120)
+    settle()
     after = os.times()
     used = sum(after[:4]) - sum(before[:4])  # user and system time, this process and its children
     return used / times
@@ -271,7 +258,7 @@ with open("/proc/self/smaps") as f:
 print(json.dumps({
     "fork_map": each(lambda: fork_map(tiny, 1), calls),
     "fork_map_cpu": cpu_per_call(lambda: fork_map(tiny, 1), calls),
-    "raw": each(raw, calls),
+    "raw": each(lambda: bare_fork(1), calls),
     "forkmap_get": min(scheduled() for _ in range(3)),
     "spin": each(lambda: spin(200_000), max(3, calls // 6)),
     "heap": heap, "huge": huge, "pandas": pandas is not None,
@@ -297,7 +284,11 @@ def _probe(tuned: bool, calls: int) -> dict[str, Any]:
         env["PYTHONMALLOC"] = "malloc"
         env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), "glibc.malloc.hugetlb=1"]))
     out = subprocess.run(
-        [sys.executable, "-c", _HEAP_PROBE, str(calls)], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", _HEAP_PROBE, str(calls), os.path.dirname(os.path.abspath(__file__))],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     probe: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return probe
