@@ -28,7 +28,8 @@ import sys
 import traceback
 import types
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, NoReturn, cast
 
 from . import _transport
@@ -185,24 +186,59 @@ def _run(
     return KIND_RAISED, _describe(failure, log)
 
 
+@dataclass(slots=True)
+class Several:
+    """The values of several tasks one child ran (a batch, a map chunk), as a child function returns them.
+
+    It never crosses the pipe itself: the parent receives the plain tuple ``(values, extra)``. What it
+    adds is the labels: if a value cannot be pickled, the error names that task and its value's
+    type, not the list that held it.
+    """
+
+    values: list[Any]
+    labels: Sequence[str]
+    extra: Any = None
+
+
 def _encode(kind: int, payload: Any, shm_fd: int) -> list[Any]:
-    # The result's type travels outside the pickle, so the parent can name it if unpickling fails.
-    type_name = _qualname(type(payload[0])) if kind == KIND_VALUE else ""
+    value = payload[0] if kind == KIND_VALUE else None
+    if isinstance(value, Several):
+        payload = ((value.values, value.extra), payload[1])
+        type_name = ", ".join(dict.fromkeys(_qualname(type(one)) for one in value.values))
+    else:
+        # The result's type travels outside the pickle, so the parent can name it if unpickling fails.
+        type_name = _qualname(type(value)) if kind == KIND_VALUE else ""
     try:
         stream, buffers = _transport.dumps(payload)
-    except Exception as exc:
+    except BaseException as exc:
+        # A result's __reduce__ is the task's code: whatever it raises (SystemExit included) is the
+        # task's failure to return something picklable, not ours.
         if kind != KIND_VALUE:
             raise
-        warns = payload[1]
-        err = ResultPicklingError(
-            f"the task's result of type {type_name} cannot be pickled, so it cannot leave the child "
-            f"({type(exc).__name__}: {exc}); return something picklable, for example plain data",
-            type_name=type_name,
-            reason=f"{type(exc).__name__}: {exc}",
-        )
+        err = _pickling_error(value, exc)
         kind, type_name = KIND_ERROR, ""
-        stream, buffers = _transport.dumps((err, warns))
+        stream, buffers = _transport.dumps((err, payload[1]))
     return _transport.encode(kind, stream, buffers, shm_fd, type_name)
+
+
+def _pickling_error(value: Any, exc: BaseException) -> ResultPicklingError:
+    task: str | None = None
+    if isinstance(value, Several):
+        for label, one in zip(value.labels, value.values):  # noqa: B905 - labels may be fewer
+            try:
+                _transport.dumps(one)
+            except BaseException as one_exc:
+                task, value, exc = label, one, one_exc
+                break
+    type_name = _qualname(type(value))
+    whose = f"{task}'s result" if task is not None else "the task's result"
+    return ResultPicklingError(
+        f"{whose} of type {type_name} cannot be pickled, so it cannot leave the child "
+        f"({type(exc).__name__}: {exc}); return something picklable, for example plain data",
+        type_name=type_name,
+        reason=f"{type(exc).__name__}: {exc}",
+        task=task,
+    )
 
 
 def _describe(exc: BaseException, log: list[warnings.WarningMessage]) -> tuple[Any, ...]:
@@ -218,7 +254,7 @@ def _describe(exc: BaseException, log: list[warnings.WarningMessage]) -> tuple[A
         if blob is not None:
             # Exceptions whose __init__ takes other arguments than args pickle fine but fail here.
             pickle.loads(blob)
-    except Exception:
+    except BaseException:  # the exception's own __reduce__/__init__ is the task's code
         blob = None
     try:
         message = str(exc)

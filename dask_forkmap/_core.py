@@ -50,6 +50,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, NoReturn, ParamSpec, TypeVar
 
 from . import _child, _transport
@@ -62,9 +63,9 @@ from ._errors import (
     TaskError,
     TaskTimeoutError,
 )
-from ._limits import Limits, split
+from ._limits import NO_LIMITS, Limits, check_callable, resolve, split
 
-__all__ = ["Child", "fork_map", "spawn"]
+__all__ = ["Child", "Job", "close_ours", "fork_map", "open_pipe", "spawn"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -79,6 +80,8 @@ _EXIT_POLL_S = 0.01
 # not block it (any thread the program started itself), or one landing just before the main
 # thread enters poll(), would leave it asleep until the child finishes.
 _MAIN_POLL_S = 0.2
+# poll() takes an int of milliseconds: a long timeout (30 days is 2.6e9 ms) is waited for in slices.
+_LONGEST_POLL_MS = 3_600_000
 
 _fork_lock = threading.Lock()
 _parent_fds: set[int] = set()
@@ -158,7 +161,8 @@ def _flush_stdio() -> None:
             pass
 
 
-def _close_ours(*fds: int) -> None:
+def close_ours(*fds: int) -> None:
+    """Close descriptors of our machinery (negative numbers are skipped) and forget them."""
     with _fork_lock:
         for fd in fds:
             if fd >= 0:
@@ -166,26 +170,51 @@ def _close_ours(*fds: int) -> None:
                 os.close(fd)
 
 
+def open_pipe() -> tuple[int, int]:
+    """A non-blocking pipe for our own wake-ups, closed in every child we fork (see ``_parent_fds``)."""
+    with _fork_lock:
+        r, w = os.pipe()
+        _parent_fds.update((r, w))
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    return r, w
+
+
 def _describe_task(fn: Callable[..., Any]) -> str:
     return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
 
 
-def spawn(
-    fn: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    limits: Limits,
-    task: str | None = None,
-    sigmask: Iterable[int] | None = None,
-) -> Child:
-    """Fork a child running ``fn(*args, **kwargs)`` under ``limits`` (overridden by ``with_limits``).
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One child's work as every layer hands it to :func:`spawn`: resolved, checked, named.
+
+    ``limits`` are final (put together by :func:`dask_forkmap._limits.resolve`); ``task`` names the
+    work in error messages (a Dask key), default: the function's name.
+    """
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] | None = None
+    limits: Limits = NO_LIMITS
+    task: str | None = None
+
+    @classmethod
+    def of(cls, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], layer: Limits, what: str) -> Job:
+        """The job of a call ``fn(*args, **kwargs)`` made through a layer whose own limits are ``layer``."""
+        check_callable(fn, what)
+        inner, own = split(fn)
+        check_callable(inner, what)
+        return cls(inner, args, kwargs, resolve(own, layer=layer))
+
+
+def spawn(job: Job, sigmask: Iterable[int] | None = None) -> Child:
+    """Fork a child running ``job``.
 
     ``sigmask``: the signal mask the child restores, for a caller that blocked signals around the
     call (default: that of the thread that started a :class:`QuietThread`, or the current one).
     """
     _check_platform()
-    fn, own = split(fn)
-    limits = own.over(limits)
+    fn, args, kwargs, limits, task = job.fn, job.args, job.kwargs or {}, job.limits, job.task
     if sys.version_info >= (3, 12):
         _quiet_fork_warning()
     # To tell, if the child dies, whether it came near its memory limit. Read before the fork: every
@@ -347,7 +376,7 @@ class Child:
             timeout_ms = slice_ms
             if self.deadline is not None:
                 left = max(0.0, (self.deadline - time.monotonic()) * 1000)
-                timeout_ms = left if timeout_ms is None else min(timeout_ms, left)
+                timeout_ms = min(left, _LONGEST_POLL_MS) if timeout_ms is None else min(timeout_ms, left)
             events = poller.poll(None if timeout_ms is None else int(timeout_ms + 0.999))
             for fd, _ in events:
                 if fd == self.rfd:
@@ -381,9 +410,11 @@ class Child:
         try:
             try:
                 payload = reader.loads(self.shm_fd)
-            except Exception as exc:
+            except BaseException as exc:
+                # Unpickling runs the result's own code in this process: whatever it raises, SystemExit
+                # included, is a result that cannot arrive, never an end of the caller.
                 type_name = reader.type_name()
-                of_type = f" (of type {type_name})" if type_name else ""
+                of_type = f" (of type{'s' if ', ' in (type_name or '') else ''} {type_name})" if type_name else ""
                 raise ResultUnpicklingError(
                     f"the result of {self.task}{of_type} arrived but cannot be unpickled in this process "
                     f"({type(exc).__name__}: {exc}); return types this process can import",
@@ -400,6 +431,7 @@ class Child:
         if kind == _child.KIND_ERROR:
             err, warns = payload
             _child.reemit_warnings(warns)
+            _name_task(err, self.task)
             text = getattr(err, "child_traceback", None)
             if text:
                 raise err from ChildTraceback(text)
@@ -424,7 +456,7 @@ class Child:
 
     def _release(self) -> None:
         # The pidfd stays open: the reaper owns it from here on.
-        _close_ours(self.rfd, self.shm_fd)
+        close_ours(self.rfd, self.shm_fd)
         self.rfd = self.shm_fd = -1
 
     def _reap_now(self) -> tuple[int | None, int | None]:
@@ -441,7 +473,7 @@ class Child:
         except ChildProcessError:  # reaped by someone else (SIGCHLD set to SIG_IGN)
             pass
         if self.pidfd >= 0:
-            _close_ours(self.pidfd)
+            close_ours(self.pidfd)
             self.pidfd = -1
         return status, peak
 
@@ -469,6 +501,14 @@ class Child:
             timeout=self.limits.timeout or 0.0,
             task=self.task,
         )
+
+
+def _name_task(err: BaseException, task: str) -> None:
+    """Name the task in an error the child built, which knew only "the task" (see _child)."""
+    if getattr(err, "task", "") is None:
+        err.task = task  # type: ignore[attr-defined]
+        if err.args and isinstance(err.args[0], str) and err.args[0].startswith("the task"):
+            err.args = (task + err.args[0][len("the task") :], *err.args[1:])
 
 
 def _has_exited(pid: int) -> bool:
@@ -588,10 +628,7 @@ class _Reaper:
         with self._cond:
             self._pending[pid] = pidfd
             if self._thread is None:
-                self._wake_r, self._wake_w = os.pipe()
-                os.set_blocking(self._wake_r, False)
-                with _fork_lock:
-                    _parent_fds.update((self._wake_r, self._wake_w))
+                self._wake_r, self._wake_w = open_pipe()
                 self._thread = QuietThread(target=self._run, name="dask-forkmap-reaper", daemon=True)
                 self._thread.start()
         try:
@@ -638,7 +675,7 @@ class _Reaper:
         except ChildProcessError:
             pass
         if pidfd >= 0:
-            _close_ours(pidfd)
+            close_ours(pidfd)
         with self._cond:
             self._pending.pop(pid, None)
             self._cond.notify_all()
@@ -742,7 +779,7 @@ def fork_map(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
     held = _hold_signals()
     child: Child | None = None
     try:
-        child = spawn(fn, args, kwargs, Limits.from_config(), sigmask=held)
+        child = spawn(Job.of(fn, args, kwargs, Limits(), "fork_map's first argument"), sigmask=held)
         result: R = child.collect(release=held)
     except BaseException:
         if held is not None:

@@ -204,17 +204,23 @@ class MemoryLimitExceeded(ForkMapError, MemoryError):
         The limit in bytes: what the task could allocate on top of what it inherited.
     child_traceback : str or None
         Where the allocation failed, formatted in the child.
+    task : str or None
+        What was running, when the caller knows (a Dask key, a function name).
     """
 
     pid: int
     limit: int
     child_traceback: str | None
+    task: str | None
 
-    def __init__(self, message: str, *, pid: int, limit: int, child_traceback: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, pid: int, limit: int, child_traceback: str | None = None, task: str | None = None
+    ) -> None:
         super().__init__(message)
         self.pid = pid
         self.limit = limit
         self.child_traceback = child_traceback
+        self.task = task
 
 
 class ResultPicklingError(ForkMapError):
@@ -229,15 +235,19 @@ class ResultPicklingError(ForkMapError):
         The qualified name of the result's type.
     reason : str
         The pickling error, as ``"TypeName: message"``.
+    task : str or None
+        Whose result it was, when the caller knows (a Dask key, a function name).
     """
 
     type_name: str
     reason: str
+    task: str | None
 
-    def __init__(self, message: str, *, type_name: str, reason: str) -> None:
+    def __init__(self, message: str, *, type_name: str, reason: str, task: str | None = None) -> None:
         super().__init__(message)
         self.type_name = type_name
         self.reason = reason
+        self.task = task
 
 
 class ResultUnpicklingError(ForkMapError):

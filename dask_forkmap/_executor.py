@@ -27,12 +27,13 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
-from functools import partial
 from typing import Any, TypeVar
 
 from . import _core
+from ._child import Several
+from ._core import Job
 from ._errors import ExecutorShutdown
-from ._limits import Limited, Limits, split
+from ._limits import Limited, Limits, check_callable, check_workers, split
 
 __all__ = ["ForkExecutor"]
 
@@ -50,34 +51,18 @@ def available_cpus() -> int:
 
 
 class _WorkItem:
-    __slots__ = ("args", "fn", "future", "kwargs", "limits", "task")
+    __slots__ = ("future", "job")
 
-    def __init__(
-        self,
-        future: Future[Any],
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        limits: Limits,
-        task: str | None,
-    ) -> None:
+    def __init__(self, future: Future[Any], job: Job) -> None:
         self.future = future
-        self.fn = fn
-        self.args = args
-        self.kwargs = kwargs
-        self.limits = limits
-        self.task = task
+        self.job = job
 
 
 class _Slot:
     """One slot thread and its wake pipe."""
 
     def __init__(self, executor: ForkExecutor, index: int) -> None:
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_r, False)
-        os.set_blocking(self.wake_w, False)
-        with _core._fork_lock:
-            _core._parent_fds.update((self.wake_r, self.wake_w))
+        self.wake_r, self.wake_w = _core.open_pipe()
         self.thread = _core.QuietThread(
             target=_slot_loop,
             args=(weakref.ref(executor), executor._work, self),
@@ -103,7 +88,7 @@ class _Slot:
     def close(self) -> None:
         wake_r, wake_w = self.wake_r, self.wake_w
         self.wake_r = self.wake_w = -1
-        _core._close_ours(wake_r, wake_w)
+        _core.close_ours(wake_r, wake_w)
 
 
 def _slot_loop(executor_ref: weakref.ref[ForkExecutor], work: queue.SimpleQueue[_WorkItem | None], slot: _Slot) -> None:
@@ -130,7 +115,7 @@ def _run(item: _WorkItem, slot: _Slot) -> None:
     # No drain() here: a wake-up left over from an earlier task (cancelled as it finished) costs one
     # extra pass of the loop below, which is cheaper than a read() on every task.
     try:
-        child = _core.spawn(item.fn, item.args, item.kwargs, item.limits, item.task)
+        child = _core.spawn(item.job)
     except BaseException as exc:
         if future.set_running_or_notify_cancel():
             future.set_exception(exc)
@@ -154,14 +139,31 @@ def _run(item: _WorkItem, slot: _Slot) -> None:
         return
 
 
-def _run_chunk(fn: Callable[..., R], chunk: list[tuple[Any, ...]]) -> list[R]:
-    return [fn(*args) for args in chunk]
+class _RunChunk:
+    """What one child of ``map(fn, ..., chunksize=n)`` runs: ``fn`` over consecutive items."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.__qualname__ = f"map({_core._describe_task(fn)})"  # names the child in errors
+
+    def __call__(self, part: tuple[int, list[tuple[Any, ...]]]) -> Several:
+        # In the child. Labelled, so that a value that cannot be pickled is named by its position.
+        start, chunk = part
+        values = [self.fn(*args) for args in chunk]
+        return Several(values, [f"item {start + i} of {self.__qualname__}" for i in range(len(values))])
 
 
-def _chunks(iterables: tuple[Iterable[Any], ...], size: int) -> Iterator[list[tuple[Any, ...]]]:
+def _chunks(iterables: tuple[Iterable[Any], ...], size: int) -> Iterator[tuple[int, list[tuple[Any, ...]]]]:
     it = zip(*iterables)  # noqa: B905 - map() stops at the shortest iterable
+    start = 0
     while chunk := list(itertools.islice(it, size)):
-        yield chunk
+        yield start, chunk
+        start += len(chunk)
+
+
+def _values(results: Iterator[tuple[list[R], Any]]) -> Iterator[R]:
+    for values, _ in results:
+        yield from values
 
 
 class ForkExecutor(Executor):
@@ -225,13 +227,7 @@ class ForkExecutor(Executor):
         thread_name_prefix: str = "dask-forkmap",
     ) -> None:
         _core._check_platform()
-        if max_workers is None:
-            max_workers = available_cpus()
-        if isinstance(max_workers, bool) or not isinstance(max_workers, int):
-            raise TypeError(f"max_workers must be an int, not {type(max_workers).__name__}")
-        if max_workers < 1:
-            raise ValueError(f"max_workers must be at least 1, not {max_workers}")
-        self._max_workers = max_workers
+        self._max_workers = check_workers(available_cpus() if max_workers is None else max_workers, "max_workers")
         self._limits = Limits(timeout=timeout, memory_limit=memory_limit)
         self._name = thread_name_prefix
         self._work: queue.SimpleQueue[_WorkItem | None] = queue.SimpleQueue()
@@ -273,28 +269,21 @@ class ForkExecutor(Executor):
         ExecutorShutdown
             The executor was shut down.
         """
-        return self._submit(fn, args, kwargs)
+        return self.submit_job(Job.of(fn, args, kwargs, self._limits, "the function given to submit"))
 
-    def _submit(
-        self,
-        fn: Callable[..., R],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        *,
-        limits: Limits | None = None,
-        task: str | None = None,
-    ) -> Future[R]:
-        """``submit`` for the layers above: ``limits`` sit between ``with_limits`` and the executor's
-        own; ``task`` names the work in error messages (a Dask key)."""
-        base = self._limits.over(Limits.from_config())
-        if limits is not None:
-            base = limits.over(base)
+    def submit_job(self, job: Job) -> Future[Any]:
+        """Run one :class:`~dask_forkmap._core.Job` in a forked child, as it is.
+
+        For the layers above (``forkmap_get``, ``ForkIsolation``), which resolve limits themselves
+        (with the task's annotation and their own arguments) and name the work after a Dask key.
+        The executor's own ``timeout``/``memory_limit`` do not apply to it.
+        """
         with self._lock:
             if self._shutdown:
                 raise ExecutorShutdown("cannot submit to a ForkExecutor after shutdown(); create a new one")
-            future: Future[R] = Future()
+            future: Future[Any] = Future()
             self._inflight.add(future)
-            self._work.put(_WorkItem(future, fn, args, kwargs, base, task))
+            self._work.put(_WorkItem(future, job))
             self._add_slot_if_needed()
         return future
 
@@ -341,14 +330,14 @@ class ForkExecutor(Executor):
         ExecutorShutdown
             The executor was shut down.
         """
+        check_callable(fn, "the function given to map")
         if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError(f"chunksize must be a positive int, not {chunksize!r}")
         if chunksize == 1:
             return super().map(fn, *iterables, timeout=timeout)
         inner, limits = split(fn)
-        run: Callable[..., list[R]] = Limited(partial(_run_chunk, inner), limits)
-        results = super().map(run, _chunks(iterables, chunksize), timeout=timeout)
-        return itertools.chain.from_iterable(results)
+        run: Callable[..., Any] = Limited(_RunChunk(inner), limits)
+        return _values(super().map(run, _chunks(iterables, chunksize), timeout=timeout))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work; optionally wait, and optionally cancel what is left.

@@ -1,10 +1,18 @@
-"""Per-task limits: a wall-clock timeout and a memory limit.
+"""Per-task limits (a wall-clock timeout and a memory limit), and the checks every entry point shares.
 
 Limits travel *with the function*, not as keyword arguments of ``fork_map``/``submit``, so they can
 never clash with the task's own keyword arguments: ``fork_map(with_limits(f, timeout=5), timeout=1)``
-runs ``f(timeout=1)`` with a 5 s limit. Precedence, highest first: :func:`with_limits`, then the
-executor's (or scheduler's) arguments, then ``dask.config`` (``forkmap.timeout``,
-``forkmap.memory-limit``).
+runs ``f(timeout=1)`` with a 5 s limit.
+
+Every layer puts a task's limits together with :func:`resolve`, and nowhere else. Highest first:
+
+1. :func:`with_limits` on the function itself;
+2. the task's ``dask.annotate(forkmap={...})`` annotation (``forkmap_get``, ``ForkIsolation``);
+3. the layer's own arguments (``ForkExecutor(timeout=)``, ``forkmap_get(timeout=)``, ``ForkIsolation(timeout=)``);
+4. ``dask.config`` (``forkmap.timeout``, ``forkmap.memory-limit``).
+
+Each value is checked where it is given, by the same validators in every layer, so a value refused
+by one entry point is refused by all of them with the same message.
 """
 
 from __future__ import annotations
@@ -24,6 +32,23 @@ R = TypeVar("R")
 
 # The annotation key read by forkmap_get and ForkIsolation: dask.annotate(forkmap=...).
 ANNOTATION = "forkmap"
+
+
+def check_callable(fn: Any, what: str = "the task") -> None:
+    """Refuse a non-callable before anything is forked for it."""
+    if not callable(fn):
+        shown = repr(fn)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise TypeError(f"{what} must be callable, not {type(fn).__name__} ({shown})")
+
+
+def check_workers(value: Any, what: str) -> int:
+    """A count of children at once (``max_workers``, ``num_workers``): a positive int."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be a positive int, not {type(value).__name__} ({value!r})")
+    if value < 1:
+        raise ValueError(f"{what} must be a positive int, not {value!r}")
+    return value
 
 
 def _check_timeout(timeout: Any) -> float | None:
@@ -258,8 +283,7 @@ def with_limits(
     >>> fork_map(with_limits(pause, timeout=10), timeout=0.5)
     0.5
     """
-    if not callable(fn):
-        raise TypeError(f"with_limits needs a callable, not {type(fn).__name__}")
+    check_callable(fn, "the function given to with_limits")
     limits = Limits(timeout=timeout, memory_limit=memory_limit)
     if isinstance(fn, Limited):
         return Limited(fn.fn, limits.over(fn.limits))
@@ -270,7 +294,39 @@ def split(fn: Callable[..., R]) -> tuple[Callable[..., R], Limits]:
     """``fn`` without its :class:`Limited` wrapper, and the limits it carried."""
     if isinstance(fn, Limited):
         return fn.fn, fn.limits
-    return fn, _NO_LIMITS
+    return fn, NO_LIMITS
 
 
-_NO_LIMITS = Limits()
+NO_LIMITS = Limits()
+
+
+def resolve(
+    own: Limits = NO_LIMITS,
+    *,
+    annotation: Any = None,
+    key: Any = None,
+    layer: Limits = NO_LIMITS,
+) -> Limits:
+    """The limits one task runs under: the single place where their sources meet.
+
+    Parameters
+    ----------
+    own : Limits
+        What the task's function carries (:func:`with_limits`; see :func:`split`).
+    annotation : bool, dict or None
+        The task's ``forkmap`` annotation, checked by :meth:`Limits.from_annotation`.
+    key : object
+        The task's key, for the annotation's error messages.
+    layer : Limits
+        The arguments of the layer running the task (executor, scheduler, plugin).
+
+    Returns
+    -------
+    Limits
+        Each field from the first source that sets it, ``dask.config`` last.
+    """
+    limits = own
+    from_annotation = Limits.from_annotation(annotation, key)
+    if from_annotation is not None:
+        limits = limits.over(from_annotation)
+    return limits.over(layer).over(Limits.from_config())

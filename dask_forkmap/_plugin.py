@@ -7,8 +7,8 @@ How a task flows::
     executors[name] is ours, not a
     ThreadPoolExecutor, so it calls
     loop.run_in_executor(e, _run_task_simple,
-                         run_spec, data, delay) --> submit(): look up the task's limits,
-                                                    ForkExecutor._submit() ---fork--> _run_task_simple(...)
+                         run_spec, data, delay) --> submit(): resolve the task's limits,
+                                                    ForkExecutor.submit_job() --fork--> _run_task_simple(...)
                                                                          <--frame---  the worker's msg dict
     ExecuteSuccessEvent / ExecuteFailureEvent  <--  the child's msg, or a task-erred
                                                     msg built here for a crash/timeout
@@ -26,6 +26,9 @@ Why it is shaped this way:
   loop thread, whose locks (the loop's, logging's, comms') a child could otherwise inherit held.
 * The executor's futures stay pending while a child runs, so when the worker cancels ``execute`` (it
   does on close) the asyncio cancellation reaches the child and kills it.
+* Tasks that need the live worker run in the worker process, as on a plain worker: those annotated
+  ``forkmap=False``, and those calling a ``worker-functions`` entry (P2P shuffles and rechunks, whose
+  state lives in the worker's shuffle extension). See ``_placement``.
 * The plugin keeps no per-worker state: what it replaced lives on the executor it installed. One
   instance may be shared by several in-process workers (``LocalCluster(processes=False)``).
 """
@@ -44,16 +47,18 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import TYPE_CHECKING, Any, NoReturn
 
+import dask
 import dask._task_spec
 import distributed.worker
 from distributed import Reschedule, WorkerPlugin
 from distributed.core import error_message
 from distributed.worker import _run_task, _run_task_simple
 
-from . import _config, _core
+from . import _config, _core, _placement
+from ._core import Job
 from ._errors import ForkMapError, MemoryLimitExceeded
 from ._executor import ForkExecutor
-from ._limits import ANNOTATION, Limited, Limits
+from ._limits import ANNOTATION, Limits, resolve
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -312,12 +317,12 @@ class ForkIsolatedExecutor(Executor):
         self.limits = limits
         self._worker = weakref.ref(worker)
         self._oom_score_adj = oom_score_adj
-        self._forks = ForkExecutor(
-            nthreads, timeout=limits.timeout, memory_limit=limits.memory_limit, thread_name_prefix="Dask-Fork-Isolation"
-        )
+        # Its jobs come with resolved limits (see submit): the executor's own defaults stay unset.
+        self._forks = ForkExecutor(nthreads, thread_name_prefix="Dask-Fork-Isolation")
         self._lock = threading.Lock()
         self._running: dict[Future[Any], _Running] = {}
         self._closed = False
+        self._worker_functions = _placement.Names(_setting("worker-functions"))
 
     @property
     def _max_workers(self) -> int:  # read by code that sizes work to an executor, as dask does
@@ -331,9 +336,14 @@ class ForkIsolatedExecutor(Executor):
         key = getattr(run_spec, "key", None)
         worker = self._worker()
         annotation = _annotation(worker, key)
-        if annotation is False and worker is not None and key is not None:
-            # dask.annotate(forkmap=False): this task runs in the worker itself, set up as the worker
-            # sets up tasks on its thread pool, so that get_worker() & co. work in it.
+        if (
+            worker is not None
+            and key is not None
+            and (annotation is False or self._worker_functions.called_by(run_spec))
+        ):
+            # This task runs in the worker itself, set up as the worker sets up tasks on its thread
+            # pool, so that get_worker() & co. work in it: dask.annotate(forkmap=False), or a call
+            # that needs the live worker (a P2P shuffle's transfer, barrier or unpack).
             call = functools.partial(
                 _run_task,
                 run_spec,
@@ -350,7 +360,7 @@ class ForkIsolatedExecutor(Executor):
         try:
             # Resolved here, not by ForkExecutor, because the child needs the memory limit to tell a
             # task that hit it from one that raised MemoryError by itself.
-            limits = self._task_limits(run_spec, annotation, key).over(self.limits).over(Limits.from_config())
+            limits = resolve(_placement.own_limits(run_spec), annotation=annotation, key=key, layer=self.limits)
         except (TypeError, ValueError) as exc:  # a bad annotation fails its task, not the worker
             outer.set_result(_failure_msg(exc, start, time.time(), time_delay))
             return outer
@@ -359,12 +369,14 @@ class ForkIsolatedExecutor(Executor):
                 # A task that slipped in between teardown and the worker seeing the old executor again.
                 outer.set_result(_reschedule_msg(start, time_delay))
                 return outer
-            inner = self._forks._submit(
-                _run_in_child,
-                (run_spec, data, time_delay, self._where(), self._oom_score_adj, limits.memory_limit),
-                {},
-                limits=limits,
-                task=f"task {key!r}" if key is not None else None,
+            inner = self._forks.submit_job(
+                Job(
+                    _run_in_child,
+                    (run_spec, data, time_delay, self._where(), self._oom_score_adj, limits.memory_limit),
+                    None,
+                    limits,
+                    f"task {key!r}" if key is not None else None,
+                )
             )
             self._running[outer] = _Running(inner, start, time_delay)
         # The worker cancels the asyncio side of `outer` when it closes; that reaches the child here.
@@ -378,14 +390,6 @@ class ForkIsolatedExecutor(Executor):
             return str(worker.address) if worker is not None else "(gone)"
         except ValueError:  # not listening yet
             return "(starting)"
-
-    @staticmethod
-    def _task_limits(run_spec: Any, annotation: Any, key: Any) -> Limits:
-        limits = Limits.from_annotation(annotation, key) or Limits()
-        func = getattr(run_spec, "func", None)
-        if isinstance(func, Limited):
-            limits = func.limits.over(limits)
-        return limits
 
     def _finish(self, outer: Future[Any], inner: Future[Any]) -> None:
         with self._lock:
@@ -504,10 +508,14 @@ class _NoWorker:
         called = "get_worker"
         frame = sys._getframe(1)
         while frame is not None:
-            if frame.f_code.co_name in _WORKER_API and str(frame.f_globals.get("__name__", "")).startswith(
-                "distributed"
-            ):
+            module = str(frame.f_globals.get("__name__", ""))
+            if frame.f_code.co_name in _WORKER_API and module.startswith("distributed"):
                 called = frame.f_code.co_name
+            elif frame.f_code.co_name == "get_scheduler" and module == "dask.base":
+                # A .compute() in the task, looking for a cluster to run on: "no worker here" in the
+                # words dask.base understands (a ValueError), so that it computes locally, in this
+                # child, as it does in any process without a client.
+                raise ValueError(f"no worker in this forked child of the worker at {self.address}")
             frame = frame.f_back  # type: ignore[assignment]
         raise WorkerNotAvailable(
             f"{called}() cannot work in this task: ForkIsolation runs it in a forked child of the worker at "
@@ -528,9 +536,17 @@ def _detach_from_worker(address: str) -> None:
     # get_worker(), and through it get_client(), secede() and worker_client(), look up this module
     # global on every call; replacing it here (only in the child) makes them all fail at once with a
     # message instead of reaching for the parent's event loop and sockets, which no thread serves here.
+    import distributed.client
     import distributed.worker
 
     distributed.worker._worker_cvar = _NoWorker(address)  # type: ignore[assignment]
+    # The worker's own client (made by an earlier get_client() in the worker) is a copy here, bound
+    # to a loop nothing runs: forget it, and the configuration it set as the default client
+    # (scheduler: dask.distributed), so that nothing in the task waits on it forever.
+    if distributed.client._global_clients:
+        distributed.client._global_clients.clear()
+    if dask.config.get("scheduler", None) in ("dask.distributed", "distributed"):
+        dask.config.config.pop("scheduler", None)
 
 
 def _raise_oom_score(adj: int) -> None:

@@ -32,7 +32,6 @@ Why it is shaped this way:
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 import mmap
@@ -62,10 +61,12 @@ from dask.core import literal
 from dask.local import get_async
 from dask.utils import key_split, parse_timedelta
 
-from . import _config, _core
-from ._errors import ChildCrashed, ForkMapError, TaskTimeoutError
+from . import _config, _core, _placement
+from ._child import Several
+from ._core import Job
+from ._errors import ForkMapError
 from ._executor import ForkExecutor, available_cpus
-from ._limits import ANNOTATION, Limits
+from ._limits import ANNOTATION, NO_LIMITS, Limits, check_workers, resolve
 
 __all__ = ["forkmap_get"]
 
@@ -80,16 +81,6 @@ _SPARE_PER_SLOT = 1  # tasks waiting in _Run.pending per slot beyond a full batc
 
 # The result of one task as ``get_async`` expects it: (key, payload, failed).
 _Outcome = tuple[Any, Any, bool]
-
-
-def _qualname(func: Any) -> str:
-    return f"{getattr(func, '__module__', '')}.{getattr(func, '__qualname__', '')}"
-
-
-def _names(names: Sequence[str] | None) -> frozenset[str]:
-    # C builtins report the module they are implemented in: operator.getitem is _operator.getitem.
-    names = list(names or ())
-    return frozenset(names + [f"_{n}" for n in names if n.startswith("operator.")])
 
 
 class _Failure:
@@ -117,10 +108,9 @@ class _Options:
         memory_limit: int | str | None,
         inline: bool | None,
     ) -> None:
-        num_workers = num_workers or dask.config.get("num_workers", None) or available_cpus()
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
-            raise ValueError(f"num_workers must be a positive int, not {num_workers!r}")
-        self.num_workers = num_workers
+        if num_workers is None:
+            num_workers = dask.config.get("num_workers", None) or available_cpus()
+        self.num_workers = check_workers(num_workers, "num_workers")
         if chunksize is None:
             chunksize = _config.get("scheduler.chunksize")
         # -1 is dask's "divide the ready tasks evenly", which the guided batching already does; it
@@ -133,24 +123,32 @@ class _Options:
         else:
             raise ValueError(f"chunksize must be 'auto', -1 or a positive int, not {chunksize!r}")
         self.batch_duration = parse_timedelta(_config.get("scheduler.batch-duration"), default="s") or 0.0
-        self.limits = Limits(timeout=timeout, memory_limit=memory_limit).over(Limits.from_config())
+        # The layer's own limits; resolve() adds the task's and the configuration's.
+        self.limits = Limits(timeout=timeout, memory_limit=memory_limit)
         self.inline = _config.get("scheduler.inline") if inline is None else inline
-        self.inline_functions = _names(_config.get("scheduler.inline-functions"))
-        self.parent_functions = _names(_config.get("scheduler.parent-functions"))
+        self.inline_functions = _placement.Names(_config.get("scheduler.inline-functions"))
+        self.parent_functions = _placement.Names(_config.get("scheduler.parent-functions"))
 
 
 class _Pending:
     """A task waiting for a child."""
 
-    __slots__ = ("data", "future", "key", "limits", "split", "task")
+    __slots__ = ("alone", "data", "future", "key", "limits", "split", "task")
 
     def __init__(
-        self, key: Any, task: GraphNode, data: dict[Any, Any], limits: Limits | None, future: Future[list[_Outcome]]
+        self,
+        key: Any,
+        task: GraphNode,
+        data: dict[Any, Any],
+        limits: Limits,
+        alone: bool,
+        future: Future[list[_Outcome]],
     ) -> None:
         self.key = key
         self.task = task
         self.data = data
-        self.limits = limits  # per-task limits from an annotation; None: the scheduler's
+        self.limits = limits  # resolved: with_limits, annotation, forkmap_get's arguments, config
+        self.alone = alone  # never batched: limits of its own, or a timeout
         self.future = future
         self.split: tuple[frozenset[Any], frozenset[Any]] | None = None  # see _Run._split
 
@@ -186,10 +184,8 @@ def _materialized(value: Any) -> Any:
 _ENDLESS = (itertools.count, itertools.cycle, itertools.repeat)
 
 
-def _run_batch(
-    batch: list[tuple[GraphNode, dict[Any, Any]]], mark: mmap.mmap | None
-) -> tuple[list[Any], list[float], int]:
-    """In the child: run the tasks, return their values, durations and our pid.
+def _run_batch(batch: list[tuple[GraphNode, dict[Any, Any]]], mark: mmap.mmap | None) -> Several:
+    """In the child: run the tasks; the parent receives their values, and their durations and our pid.
 
     ``mark`` (shared with the parent) holds the index of the running task, so that the parent can
     name the task when the child crashes or raises mid-batch.
@@ -202,7 +198,7 @@ def _run_batch(
         start = time.perf_counter()
         values.append(_materialized(task(data)))
         durations.append(time.perf_counter() - start)
-    return values, durations, os.getpid()
+    return Several(values, [str(task.key) for task, _ in batch], (durations, os.getpid()))
 
 
 def _resolve(arg: Any, data: Mapping[Any, Any]) -> Any:
@@ -255,7 +251,7 @@ class _Run:
         self.durations: dict[str, float] = {}  # key prefix -> recent mean task duration
         self.fork_cost = 0.0  # recent mean of a child's round trip minus the work it did
         self.pid = os.getpid()
-        self._parent_only: dict[Any, bool] = {}
+        self.stores: list[Any] = []  # shuffle stores made here, removed when the compute ends
 
     # -- submit: called by get_async on the scheduler thread ------------------------------------
 
@@ -265,11 +261,24 @@ class _Run:
         ((key, (task, data), *_),) = args
         future: Future[list[_Outcome]] = Future()
         annotation = self.annotations.get(key)
-        limits = Limits.from_annotation(annotation, key)  # checks it, too
-        if self._in_parent(task, annotation):
-            future.set_result([self._run_here(key, task, data)])
+        try:
+            own = _placement.own_limits(task)
+            limits = resolve(own, annotation=annotation, key=key, layer=self.options.limits)
+        except (TypeError, ValueError) as exc:  # a bad annotation fails its task, named
+            future.set_result([(key, (exc, _Failure(key, exc.__traceback__)), True)])
             return future
-        item = _Pending(key, task, data, limits, future)
+        store = _placement.shared_store(task)
+        if store is not None:
+            future.set_result([self._make_store(key, store)])
+            return future
+        if self._in_parent(task, annotation):
+            outcome = self._run_here(key, task, data)
+            if not outcome[2] and type(outcome[1][0]).__module__.startswith("partd."):
+                self.stores.append(outcome[1][0])  # a shuffle store (parent-functions): ours to remove
+            future.set_result([outcome])
+            return future
+        alone = own is not NO_LIMITS or isinstance(annotation, Mapping) or limits.timeout is not None
+        item = _Pending(key, task, data, limits, alone, future)
         if isinstance(task, Task) and task.func is _execute_subgraph:
             item.split = self._split(task)
             if item.split is not None and not item.split[1]:  # nothing for a child to compute first
@@ -292,21 +301,29 @@ class _Run:
             # delayed(obj, traverse=False) holding dask collections: a legacy (literal(obj),) task
             # that only returns obj: literal data too.
             return self.options.inline and annotation is None
-        name = _qualname(task.func)
-        if name in self.options.parent_functions:
+        if task.func is not _execute_subgraph and self.options.parent_functions.called_by(task):
             return True
         if not self.options.inline or annotation is not None:
             return False
         if _is_container(task):
             # Assembling a list/tuple/dict of results: the very objects, no copy through a pipe.
             return not _calls(task.args)
-        return name in self.options.inline_functions and not _calls((*task.args, *task.kwargs.values()))
+        return task.func in self.options.inline_functions and not _calls((*task.args, *task.kwargs.values()))
 
     def _run_here(self, key: Any, task: GraphNode, data: dict[Any, Any]) -> _Outcome:
         try:
             return key, (task(data), self.pid), False
         except Exception as exc:
             return key, (exc, _Failure(key, exc.__traceback__)), True
+
+    def _make_store(self, key: Any, factory: Callable[[], Any]) -> _Outcome:
+        """Make a shuffle store here, unbuffered, for the children to write into (see _placement)."""
+        try:
+            store = factory()
+        except Exception as exc:
+            return key, (exc, _Failure(key, exc.__traceback__)), True
+        self.stores.append(store)
+        return key, (store, self.pid), False
 
     def _split(self, task: Task) -> tuple[frozenset[Any], frozenset[Any]] | None:
         """For a fused task calling parent-only functions: the inner keys that run in the parent
@@ -327,15 +344,8 @@ class _Run:
         return frozenset(parent), frozenset(needed)
 
     def _calls_parent_only(self, node: Task) -> bool:
-        func = node.func
-        while isinstance(func, functools.partial):
-            func = func.func
-        if _qualname(func) in self.options.parent_functions:
-            return True
         # blockwise nests subgraphs in subgraphs: a nested one with such a call runs in the parent
-        return func is _execute_subgraph and any(
-            isinstance(n, Task) and self._calls_parent_only(n) for n in node.args[0].values()
-        )
+        return self.options.parent_functions.called_by(node)
 
     # -- batching and forking ------------------------------------------------------------------
 
@@ -345,7 +355,7 @@ class _Run:
         while self.pending and self.running < options.num_workers:
             batch = [self.pending.pop()]  # most recent first, as get_async's own ready stack
             first = batch[0]
-            if first.split is None and first.limits is None and options.limits.timeout is None:
+            if first.split is None and not first.alone:
                 self._fill(batch)
             self.running += 1
             self._fork(batch)
@@ -368,7 +378,7 @@ class _Run:
         work = self.durations.get(key_split(batch[0].key), math.inf)
         while len(batch) < room and self.pending:
             nxt = self.pending[-1]
-            if nxt.split is not None or nxt.limits is not None:
+            if nxt.split is not None or nxt.alone:
                 break
             if options.auto:
                 work += self.durations.get(key_split(nxt.key), math.inf)  # not measured yet: alone
@@ -378,7 +388,6 @@ class _Run:
 
     def _fork(self, batch: list[_Pending]) -> None:
         first = batch[0]
-        limits = first.limits
         if first.split is not None:
             parent, needed = first.split
             fn: Callable[..., Any] = _run_child_part
@@ -391,7 +400,7 @@ class _Run:
         name = str(first.key) if len(batch) == 1 else _batch_name(first.key, len(batch))
         started = time.perf_counter()
         try:
-            child = self.executor._submit(fn, args, {}, limits=limits, task=name)
+            child = self.executor.submit_job(Job(fn, args, None, first.limits, name))
         except BaseException as exc:
             self.running -= 1
             for item in batch:
@@ -419,12 +428,15 @@ class _Run:
     def _deliver(self, child: Future[Any], batch: list[_Pending], mark: mmap.mmap | None, started: float) -> None:
         exc = child.exception()
         if exc is not None:
-            failed = batch[_MARK.unpack_from(mark)[0]] if mark is not None else batch[0]
+            # The task whose value could not be pickled names itself; otherwise the one running when
+            # the child failed (the mark), which for an unpicklable batch is as good as any.
+            named = next((item for item in batch if str(item.key) == getattr(exc, "task", None)), None)
+            failed = named or (batch[_MARK.unpack_from(mark)[0]] if mark is not None else batch[0])
             self._fail(failed, _name_task(exc, failed.key, batch[0].key, len(batch)))
         elif batch[0].split is not None:
             self._finish_split(batch[0], child.result())
         else:
-            values, durations, pid = child.result()
+            values, (durations, pid) = child.result()
             # What forking cost this child: its round trip less the work it did (see _fill).
             cost = time.perf_counter() - started - sum(durations)
             self.fork_cost = cost if not self.fork_cost else 0.8 * self.fork_cost + 0.2 * cost
@@ -480,6 +492,27 @@ class _Run:
         with self.lock:
             self.pending.clear()
         self.executor.shutdown(wait=failed, cancel_futures=True)
+        for store in self.stores:  # every child that wrote into them has delivered, or is dead
+            _remove_store(store)
+
+
+def _remove_store(store: Any) -> None:
+    """Remove a partd store's folder (its File is at the bottom of the wrappers) and forget it."""
+    import shutil
+
+    part = store
+    while not hasattr(part, "path") and hasattr(part, "partd"):
+        part = part.partd
+    path = getattr(part, "path", None)
+    if not isinstance(path, str):
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    try:
+        import partd.file
+
+        partd.file.cleanup_files.remove(path)
+    except (ImportError, ValueError):
+        pass
 
 
 def _batch_name(first_key: Any, batch_size: int) -> str:
@@ -488,7 +521,7 @@ def _batch_name(first_key: Any, batch_size: int) -> str:
 
 def _name_task(exc: BaseException, key: Any, first_key: Any, batch_size: int) -> BaseException:
     """``exc`` from a batch child, naming the task that failed rather than the batch."""
-    if batch_size == 1 or not isinstance(exc, (ChildCrashed, TaskTimeoutError)):
+    if batch_size == 1 or not isinstance(exc, ForkMapError) or not hasattr(exc, "task"):
         return exc
     batch_name = _batch_name(first_key, batch_size)
     exc.args = tuple(a.replace(batch_name, str(key)) if isinstance(a, str) else a for a in exc.args)
@@ -545,15 +578,17 @@ def forkmap_get(
     num_workers : int, optional
         Most children alive at once; default ``dask.config`` ``num_workers``, else the CPU count.
     chunksize : int, 'auto' or -1, optional
-        Most tasks one child runs (``forkmap.scheduler.chunksize``, default ``'auto'``: batch tasks
-        measured to be tiny, up to ``forkmap.scheduler.batch-duration`` of work per child). ``1``
-        forks once per task.
+        Most tasks one child runs (``forkmap.scheduler.chunksize``, default ``1``: every task in a
+        child of its own). Batching is an opt-in that shares a child between tasks: ``'auto'``
+        batches tasks measured to be tiny, up to ``forkmap.scheduler.batch-duration`` of work per
+        child; an int ``n`` batches up to ``n`` tasks.
     timeout : float, optional
         Per-task wall-clock limit in seconds (see :class:`~dask_forkmap.Limits`); default
         ``forkmap.timeout``. A task with a timeout gets a child of its own.
     memory_limit : int or str, optional
         Per-task memory limit, e.g. ``"2 GiB"``; default ``forkmap.memory-limit``. It applies to the
-        child, i.e. to the batch of tasks the child runs.
+        child, i.e. to the batch of tasks the child runs when batching is on. ``with_limits`` on a
+        task and its ``forkmap`` annotation take precedence over both limits.
     inline : bool, optional
         Run trivial tasks (aliases, literal data, list/tuple/dict assembly, getitem) in the parent;
         default ``forkmap.scheduler.inline``.

@@ -84,7 +84,7 @@ def test_with_limits_wraps_transparently() -> None:
     assert limited.__name__ == "abs"
     again = with_limits(limited, memory_limit="1 MiB")
     assert again.limits == Limits(timeout=3, memory_limit="1 MiB")
-    with pytest.raises(TypeError, match="needs a callable"):
+    with pytest.raises(TypeError, match="the function given to with_limits must be callable, not int"):
         with_limits(3)  # type: ignore[arg-type]
 
 

@@ -113,3 +113,18 @@ def is_alive(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rindex(b")") + 2 :].split()[0] != b"Z"
+
+
+def nested_delayed_compute() -> int:
+    import dask
+
+    return dask.delayed(sum)([1, 2, 3]).compute()
+
+
+def nested_dataframe_compute() -> int:
+    import dask.dataframe as dd
+    import numpy as np
+    import pandas as pd
+
+    pdf = pd.DataFrame({"k": np.arange(100) % 10, "v": np.arange(100.0)})
+    return len(dd.from_pandas(pdf, npartitions=4).groupby("k").v.mean().compute())

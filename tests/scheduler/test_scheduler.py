@@ -25,6 +25,7 @@ from dask.utils_test import GetFunctionTestMixin
 
 import dask_forkmap._scheduler  # noqa: F401 - registers "forkmap" until __init__ imports it
 from dask_forkmap import ChildCrashed, TaskTimeoutError
+from dask_forkmap._limits import NO_LIMITS
 from dask_forkmap._scheduler import _Options, _Pending, _Run, forkmap_get
 
 pytestmark = pytest.mark.usefixtures("no_children_left")
@@ -318,7 +319,9 @@ def _batch_size(pending, duration, fork_cost):
         if duration is not None:
             run.durations["t"] = duration
         run.fork_cost = fork_cost
-        run.pending.extend(_Pending(("t", i), Task(("t", i), int), {}, None, Future()) for i in range(pending))
+        run.pending.extend(
+            _Pending(("t", i), Task(("t", i), int), {}, NO_LIMITS, False, Future()) for i in range(pending)
+        )
         batch = [run.pending.pop()]
         run._fill(batch)
         return len(batch)
@@ -343,8 +346,8 @@ def test_auto_batch_size(pending, duration, fork_cost, expected):
 
 
 def test_crash_in_batch_names_the_task():
-    # Many tiny tasks batched into few children (auto chunksize, one worker); the error names the
-    # task that crashed (partition 150 holds item 150), not the batch or its first task.
+    # Many tiny tasks batched into few children (chunksize auto, opted into; one worker); the error
+    # names the task that crashed (partition 150 holds item 150), not the batch or its first task.
     def f(i):
         if i == 150:
             _segfault()
@@ -352,7 +355,7 @@ def test_crash_in_batch_names_the_task():
 
     b = db.from_sequence(range(200), npartitions=200).map(f)
     with pytest.raises(ChildCrashed) as info:
-        b.compute(scheduler=forkmap_get, num_workers=1)
+        b.compute(scheduler=forkmap_get, num_workers=1, chunksize="auto")
     key = info.value.task
     # low-level fusion prefixes the name: ('from_sequence-f-<token>', 150)
     assert re.fullmatch(rf"\('([\w-]+-)?{re.escape(b.name)}', 150\)", key), key
@@ -432,7 +435,11 @@ def test_crash_in_batch_is_batched():
     def pid_of(i):
         return os.getpid()
 
-    pids = db.from_sequence(range(200), npartitions=200).map(pid_of).compute(scheduler=forkmap_get, num_workers=1)
+    pids = (
+        db.from_sequence(range(200), npartitions=200)
+        .map(pid_of)
+        .compute(scheduler=forkmap_get, num_workers=1, chunksize="auto")
+    )
     assert len(set(pids)) < len(pids)
 
 
