@@ -315,7 +315,7 @@ class Woken(Exception):
 class Child:
     """The parent's handle on one forked child; owned by one thread at a time."""
 
-    __slots__ = ("_done", "deadline", "limits", "pid", "pidfd", "rfd", "rss_at_fork", "shm_fd", "task")
+    __slots__ = ("_done", "_reader", "deadline", "limits", "pid", "pidfd", "rfd", "rss_at_fork", "shm_fd", "task")
 
     def __init__(
         self,
@@ -337,6 +337,9 @@ class Child:
         self.task = task
         self.rss_at_fork = rss_at_fork  # the parent's anonymous RSS at the fork; 0: not measured
         self._done = False
+        # What has arrived so far. It outlives one _wait: a wake-up (Woken) can come in the same poll
+        # as part of the frame, and the owner then calls collect() again for the rest.
+        self._reader = _transport.FrameReader()
 
     def collect(self, wake_fd: int = -1, *, release: Iterable[int] | None = None) -> Any:
         """Wait for the child's outcome; return the task's value or raise its error.
@@ -363,7 +366,7 @@ class Child:
             poller.register(self.pidfd, select.POLLIN)
         if wake_fd >= 0:
             poller.register(wake_fd, select.POLLIN)
-        reader = _transport.FrameReader()
+        reader = self._reader
         pipe_open = True
         exited = False
         # The longest single poll: short without a pidfd (exits are polled for), and on the main thread.
