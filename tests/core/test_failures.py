@@ -6,18 +6,27 @@ survives pickling (it crosses distributed later), and that the parent carries on
 
 from __future__ import annotations
 
-import ctypes
 import os
 import pickle
 import signal
-import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from crash_cases import (
+    HoldsALock,
+    allocate_512_mib,
+    kill_self,
+    raise_keyboard_interrupt,
+    raise_memory_error,
+    raise_system_exit,
+    raise_unpicklable,
+    raise_value_error,
+    return_lock,
+    segfault,
+)
 from procs import wait_gone
 
 from dask_forkmap import (
@@ -40,36 +49,6 @@ from dask_forkmap import (
 MiB = 1024 * 1024
 
 
-def segfault() -> None:
-    ctypes.string_at(0)
-
-
-def kill_self() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def raise_memory_error() -> None:
-    raise MemoryError("simulated: no memory left")
-
-
-def allocate_512_mib() -> int:
-    return len(bytearray(512 * MiB))
-
-
-def return_lock() -> threading.Lock:
-    return threading.Lock()
-
-
-class HoldsALock(Exception):
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.lock = threading.Lock()
-
-
-def raise_unpicklable() -> None:
-    raise HoldsALock("carries a lock")
-
-
 def raise_needs_args() -> None:
     # Defined in the task, so that the class is pickled by value: a class that exists before
     # distributed is imported gets tblib's reducer, which re-creates it without calling __init__.
@@ -82,20 +61,8 @@ def raise_needs_args() -> None:
     raise NeedsTwoArgs("/data/x", 7)
 
 
-def raise_keyboard_interrupt() -> None:
-    raise KeyboardInterrupt
-
-
-def raise_system_exit() -> None:
-    sys.exit(4)
-
-
 def recurse(n: int = 0) -> int:
     return recurse(n + 1) + 1
-
-
-def raise_value_error() -> None:
-    raise ValueError("bad value 17")
 
 
 def fork_a_grandchild_and_hang() -> None:
@@ -127,7 +94,7 @@ CASES = {
     ),
     "unpicklable result": Case(return_lock, ResultPicklingError, {"type_name": "_thread.lock"}, "_thread.lock"),
     "unpicklable exception": Case(
-        raise_unpicklable, TaskError, {"type_name": f"{__name__}.HoldsALock", "message": "carries a lock"}
+        raise_unpicklable, TaskError, {"type_name": f"{HoldsALock.__module__}.HoldsALock", "message": "carries a lock"}
     ),
     "exception needing init args": Case(
         raise_needs_args,
