@@ -8,7 +8,8 @@ The child runs exactly one call (or one chunk of calls) and never returns into p
    pid, since the parent may have died before the request took effect.
 3. Close the parent's descriptors for other children's channels, so that no sibling holds them, and
    unblock the signals that the forking thread (one of our own) left to the parent's main thread.
-4. Reseed numpy's legacy global random state (stdlib ``random`` reseeds itself at fork).
+4. Free the module-level locks of numpy and dask that another thread of the parent may have held at
+   the fork, then reseed numpy's legacy global random state (stdlib ``random`` reseeds itself).
 5. Point faulthandler at the result pipe: a fatal signal leaves its Python stack there, for the
    parent's :class:`~dask_forkmap.ChildCrashed`.
 6. Apply the memory limit, then run the task with warnings recorded for the parent to re-emit.
@@ -45,6 +46,19 @@ EXIT_PARENT_GONE = 74
 EXIT_INTERNAL = 75
 
 _PR_SET_PDEATHSIG = 1
+
+# Module-level locks that tasks take through everyday calls (np.random.*, dask.config.set, tokenize,
+# dask.array.random) and that other threads of the parent take too: a distributed worker's event
+# loop measures results with dask's sizeof, which samples with np.random.choice. A lock held at the
+# fork stays held in the child, where its owner does not exist, and the task's first call blocks
+# forever. The child sees memory as the parent's threads saw it at that instant; freeing the lock
+# makes it see the locks as they will be once the owner is done.
+_INHERITED_LOCKS = (
+    ("numpy.random.mtrand", ("_rand", "_bit_generator", "lock")),
+    ("dask.config", ("config_lock",)),
+    ("dask.tokenize", ("tokenize_lock",)),
+    ("dask.array.random", ("_cached_states_lock",)),
+)
 _MT_STATE_BYTES = 624 * 4  # the Mersenne Twister's state: 624 32-bit words
 
 # The C function behind signal.pthread_sigmask, which returns the old mask as a set of ints. The
@@ -133,6 +147,7 @@ def _become_independent(parent_pid: int, close_fds: Iterable[int], sigmask: Iter
             pass
     if sigmask is not None:
         pthread_sigmask(signal.SIG_SETMASK, sigmask)
+    _free_inherited_locks()
     np_random = sys.modules.get("numpy.random")
     if np_random is not None:
         # Only if numpy.random is already loaded: importing it costs more than the whole fork. A whole
@@ -146,6 +161,18 @@ def _become_independent(parent_pid: int, close_fds: Iterable[int], sigmask: Iter
             # The legacy functions run on another bit generator (numpy.random.set_bit_generator),
             # whose state has another shape; seed() seeds that one from 128 bits.
             np_random.seed(int.from_bytes(os.urandom(16), "little"))
+
+
+def _free_inherited_locks() -> None:
+    for module_name, path in _INHERITED_LOCKS:
+        lock: Any = sys.modules.get(module_name)  # only if loaded: nothing else can hold its locks
+        for name in path:
+            lock = getattr(lock, name, None)
+        # _at_fork_reinit (CPython's own, for the locks of threading and logging) resets the lock,
+        # plain or reentrant, to a new unlocked one without touching the old one's owner.
+        reinit = getattr(lock, "_at_fork_reinit", None)
+        if reinit is not None:
+            reinit()
 
 
 def _run(

@@ -123,3 +123,58 @@ def test_a_task_can_use_the_threads_scheduler_the_parent_used() -> None:
     assert total.compute(scheduler="threads", num_workers=2) == 6
     assert fork_map(with_limits(lambda: total.compute(scheduler="threads"), timeout=60)) == 6
     assert fork_map(with_limits(lambda: total.compute(scheduler="threads", num_workers=2), timeout=60)) == 6
+
+
+def _tokenize_lock() -> threading.RLock:
+    from dask import tokenize
+
+    return tokenize.tokenize_lock  # type: ignore[attr-defined, no-any-return]
+
+
+def _dask_array_random_lock() -> threading.Lock:
+    import dask.array.random
+
+    return dask.array.random._cached_states_lock  # type: ignore[attr-defined, no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("lock", "use"),
+    [
+        pytest.param(
+            lambda: np.random.mtrand._rand._bit_generator.lock,
+            lambda: len(np.random.choice(np.arange(10), size=5)),
+            id="numpy-global-random",
+        ),
+        pytest.param(
+            lambda: dask.config.config_lock,
+            lambda: len(dask.config.set({"forkmap-test-key": 1}).config),
+            id="dask-config",
+        ),
+        pytest.param(_tokenize_lock, lambda: len(dask.base.tokenize(np.arange(5))), id="dask-tokenize"),
+        pytest.param(
+            _dask_array_random_lock,
+            lambda: int(dask.array.random.random(5, chunks=5).compute(scheduler="sync").size),  # module-level API
+            id="dask-array-random",
+        ),
+    ],
+)
+def test_a_library_lock_another_thread_holds_at_the_fork_is_free_in_the_child(lock, use) -> None:  # type: ignore[no-untyped-def]
+    # A distributed worker's own threads take numpy's global random lock (dask's sizeof samples with
+    # np.random.choice) while tasks fork; the child used to wait forever on the first call taking it.
+    held, done = threading.Event(), threading.Event()
+    the_lock = lock()
+
+    def hold() -> None:
+        with the_lock:
+            held.set()
+            done.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(60)
+        assert fork_map(with_limits(use, timeout=30)) > 0
+    finally:
+        done.set()
+        holder.join(60)
+    assert not holder.is_alive()
