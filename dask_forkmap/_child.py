@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, cast
 
 from . import _transport
-from ._errors import ForkMapError, MemoryLimitExceeded, ResultPicklingError, TaskInterrupted
+from ._errors import ForkMapError, MemoryLimitExceeded, ResultPicklingError, TaskError, TaskInterrupted
 
 KIND_VALUE = 0  # payload: (value, warnings)
 KIND_RAISED = 1  # payload: (type name, message, traceback text, pickled exception or None, warnings)
@@ -258,7 +258,7 @@ def _pickling_error(value: Any, exc: BaseException) -> ResultPicklingError:
                 task, value, exc = label, one, one_exc
                 break
     type_name = _qualname(type(value))
-    whose = f"{task}'s result" if task is not None else "the task's result"
+    whose = f"the result of {task}" if task is not None else "the task's result"
     return ResultPicklingError(
         f"{whose} of type {type_name} cannot be pickled, so it cannot leave the child "
         f"({type(exc).__name__}: {exc}); return something picklable, for example plain data",
@@ -288,6 +288,18 @@ def _describe(exc: BaseException, log: list[warnings.WarningMessage]) -> tuple[A
     except Exception as err:  # pragma: no cover - a broken __str__
         message = f"<str() failed: {err!r}>"
     return (_qualname(type(exc)), message, text, blob, _warnings(log))
+
+
+def portable(exc: BaseException, text: str) -> BaseException:
+    """``exc`` if it can be re-created in the parent, else a :class:`TaskError` standing in for it.
+
+    For a layer whose child function catches the task's exception itself (``text``: its traceback).
+    """
+    type_name, message, _, blob, _ = _describe(exc, [])
+    if blob is not None:
+        exc.__traceback__ = None
+        return exc
+    return TaskError.standing_in_for(type_name, message, text)
 
 
 def _format(exc: BaseException) -> str:

@@ -448,13 +448,7 @@ class Child:
             except Exception:
                 task_exc = None
         if not isinstance(task_exc, BaseException):
-            task_exc = TaskError(
-                f"{type_name}: {message}\n(the task raised {type_name}, which could not be re-created in "
-                "this process; its type and message are kept here and its traceback is the cause)",
-                type_name=type_name,
-                message=message,
-                child_traceback=tb_text,
-            )
+            task_exc = TaskError.standing_in_for(type_name, message, tb_text)
         raise task_exc from ChildTraceback(tb_text)
 
     def _release(self) -> None:

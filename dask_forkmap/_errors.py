@@ -301,6 +301,17 @@ class TaskError(ForkMapError):
         self.message = message
         self.child_traceback = child_traceback
 
+    @classmethod
+    def standing_in_for(cls, type_name: str, message: str, child_traceback: str) -> TaskError:
+        """The error that stands in for a task's exception of type ``type_name``, which cannot cross."""
+        return cls(
+            f"{type_name}: {message}\n(the task raised {type_name}, which could not be re-created in "
+            "this process; its type and message are kept here and its traceback is the cause)",
+            type_name=type_name,
+            message=message,
+            child_traceback=child_traceback,
+        )
+
 
 class TaskInterrupted(ForkMapError):
     """The task raised ``KeyboardInterrupt`` or ``SystemExit``.

@@ -54,7 +54,8 @@ from distributed import Reschedule, WorkerPlugin
 from distributed.core import error_message
 from distributed.worker import _run_task, _run_task_simple
 
-from . import _config, _core, _placement
+from . import _child, _config, _core, _placement
+from ._child import Several
 from ._core import Job
 from ._errors import ForkMapError, MemoryLimitExceeded
 from ._executor import ForkExecutor
@@ -399,7 +400,7 @@ class ForkIsolatedExecutor(Executor):
         try:
             exc = inner.exception()
             if exc is None:
-                outer.set_result(inner.result())
+                outer.set_result(_message(inner.result()))
                 return
             # The child could not report (crash, timeout, unpicklable result): a failure of this task,
             # timed from submission, as the worker would time a task that raised.
@@ -460,28 +461,47 @@ def _run_in_child(
     address: str,
     oom_score_adj: int | None,
     memory_limit: int | None,
-) -> dict[str, Any]:
+) -> Several:
     _detach_from_worker(address)
     if oom_score_adj is not None:
         _raise_oom_score(oom_score_adj)
     msg: dict[str, Any] = dict(_run_task_simple(run_spec, data, time_delay))
+    task = f"task {getattr(run_spec, 'key', '?')!r}"  # as the worker-side errors name it
     if msg["op"] == "task-erred":
         exc = msg["actual_exception"]
+        replacement: BaseException | None = None
         if memory_limit is not None and isinstance(exc, MemoryError) and not isinstance(exc, ForkMapError):
             # _run_task_simple caught it before dask_forkmap's child code could tell what it was.
-            exc = MemoryLimitExceeded(
-                f"task {getattr(run_spec, 'key', '?')!r} needed more than its memory limit of {memory_limit} "
-                f"bytes ({type(exc).__name__}: {exc}); raise the limit (forkmap annotation, ForkIsolation's "
-                "memory_limit) or make the task use less",
+            replacement = MemoryLimitExceeded(
+                f"{task} needed more than its memory limit of {memory_limit} bytes ({type(exc).__name__}: "
+                f"{exc}); raise the limit (forkmap annotation, ForkIsolation's memory_limit) or make the "
+                "task use less",
                 pid=os.getpid(),
                 limit=memory_limit,
                 child_traceback=msg.get("traceback_text"),
+                task=task,
             )
-            replaced = error_message(exc)
+        else:
+            # An exception that cannot be pickled: distributed would send a bare Exception(str); the
+            # other layers raise a TaskError that keeps its type's name.
+            portable = _child.portable(exc, msg.get("traceback_text") or "")
+            replacement = portable if portable is not exc else None
+        if replacement is not None:
+            replaced = error_message(replacement)
             msg.update(exception=replaced["exception"], exception_text=replaced["exception_text"])
         # The error message is already made to cross processes; the raw exception may not be. The
         # worker only checks its type (Reschedule), which the round-tripped copy keeps.
         msg["actual_exception"] = _portable_exception(msg)
+    # The result travels as Several's value, not inside the message: if it cannot be pickled, the
+    # error then names its type, not the message's dict.
+    return Several([msg.pop("result")] if "result" in msg else [], [task], msg)
+
+
+def _message(sent: tuple[list[Any], dict[str, Any]]) -> dict[str, Any]:
+    """The worker's message from what ``_run_in_child``'s :class:`Several` became in transit."""
+    values, msg = sent
+    if values:
+        msg["result"] = values[0]
     return msg
 
 

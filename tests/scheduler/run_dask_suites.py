@@ -2,6 +2,7 @@
 
     python tests/scheduler/run_dask_suites.py               # forkmap (what CI runs)
     python tests/scheduler/run_dask_suites.py --scheduler threads   # the baseline to compare with
+    python tests/scheduler/run_dask_suites.py --suites dataframe    # only the dataframe group
     python tests/scheduler/run_dask_suites.py -- -k store   # extra arguments go to pytest
 
 The suites are the installed dask's (``--pyargs``), so they always match the dask being tested.
@@ -18,13 +19,22 @@ from typing import Any
 import dask
 import pytest
 
-SUITES = [
-    "dask.tests.test_delayed",
-    "dask.tests.test_local",
-    "dask.array.tests.test_array_core",
-    "dask.array.tests.test_reductions",
-    "dask.bag.tests.test_bag",
-]
+SUITES = {
+    "core": [
+        "dask.tests.test_delayed",
+        "dask.tests.test_local",
+        "dask.array.tests.test_array_core",
+        "dask.array.tests.test_reductions",
+        "dask.bag.tests.test_bag",
+    ],
+    # dask's shuffles, merges and groupbys: the local "disk" shuffle keeps its partd store in the
+    # process that computes, so these are where a fork-per-task scheduler loses data if it is wrong.
+    "dataframe": [
+        "dask.dataframe.tests.test_shuffle",
+        "dask.dataframe.tests.test_multi",
+        "dask.dataframe.tests.test_groupby",
+    ],
+}
 
 # "module::test id" -> why it cannot pass when tasks run in other processes (see docs/scheduler.md).
 # Each of these observes a side effect that a task has on an object in the caller's memory.
@@ -66,8 +76,9 @@ class Environment:
 class ForkmapDefault:
     """A pytest plugin: the default scheduler is ``scheduler`` for the whole run."""
 
-    def __init__(self, scheduler: str) -> None:
+    def __init__(self, scheduler: str, modules: list[str]) -> None:
         self.scheduler = scheduler
+        self.threads_only = {test: why for test, why in THREADS_ONLY.items() if test.split("::")[0] in modules}
         self._ctx: Any = None
 
     def pytest_configure(self, config: pytest.Config) -> None:
@@ -85,11 +96,11 @@ class ForkmapDefault:
             return
         keep, drop = [], []
         for item in items:
-            (drop if _test_id(item) in THREADS_ONLY else keep).append(item)
+            (drop if _test_id(item) in self.threads_only else keep).append(item)
         if drop:
             config.hook.pytest_deselected(items=drop)
             items[:] = keep
-        missing = set(THREADS_ONLY) - {_test_id(item) for item in drop}
+        missing = set(self.threads_only) - {_test_id(item) for item in drop}
         if missing and not config.option.keyword:  # a -k run may not have collected them
             # dask renamed or dropped one: the list must not silently outlive its tests
             raise pytest.UsageError(f"THREADS_ONLY names tests that were not collected: {sorted(missing)}")
@@ -101,11 +112,13 @@ class ForkmapDefault:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scheduler", default="forkmap")
+    parser.add_argument("--suites", choices=[*SUITES, "all"], default="all", help="which group of suites to run")
     parser.add_argument("pytest_args", nargs="*")
     args = parser.parse_args(argv)
+    modules = [m for group, names in SUITES.items() if args.suites in (group, "all") for m in names]
     pytest_args = [
         "--pyargs",
-        *SUITES,
+        *modules,
         # dask's own markers and options, not ours: run outside our setup.cfg
         "-c",
         "/dev/null",
@@ -124,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         "error::RuntimeWarning",
         *args.pytest_args,
     ]
-    return int(pytest.main(pytest_args, plugins=[Environment(), ForkmapDefault(args.scheduler)]))
+    return int(pytest.main(pytest_args, plugins=[Environment(), ForkmapDefault(args.scheduler, modules)]))
 
 
 if __name__ == "__main__":
