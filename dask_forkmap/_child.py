@@ -102,9 +102,12 @@ def main(
     sigmask: Iterable[int] | None = None,
 ) -> NoReturn:
     """Run ``fn(*args, **kwargs)`` in this freshly forked child and report to the parent."""
+    global _channel, _faulthandler_was_enabled
     code = EXIT_INTERNAL
     try:
         _become_independent(parent_pid, close_fds, sigmask)
+        _channel = tuple(fd for fd in (wfd, shm_fd) if fd >= 0)
+        _faulthandler_was_enabled = faulthandler.is_enabled()
         faulthandler.enable(file=wfd, all_threads=False)
         kind, payload = _run(fn, args, kwargs, memory_limit)
         parts = _encode(kind, payload, shm_fd)
@@ -122,6 +125,37 @@ def main(
             pass
     finally:
         os._exit(code)
+
+
+# This child's result pipe and memory file, while it runs a task (set in main).
+_channel: tuple[int, ...] = ()
+_faulthandler_was_enabled = False
+
+
+def forget_channel() -> None:
+    """In a process the task forked: drop this child's result channel, which is not its own.
+
+    Called from the at-fork hook in every process forked from a child (a helper the task forks, a
+    ``multiprocessing`` worker). Holding the pipe, such a process would keep the parent from seeing
+    it end, and faulthandler would dump its crash into the pipe as if it were the task's; holding
+    the memory file, it could rewrite a result the parent has mapped. It gets faulthandler back as
+    the parent had it, on stderr.
+    """
+    global _channel
+    if not _channel:
+        return
+    fds, _channel = _channel, ()
+    faulthandler.disable()
+    if _faulthandler_was_enabled:
+        try:
+            faulthandler.enable(all_threads=True)
+        except (RuntimeError, ValueError, OSError):  # pragma: no cover - no usable stderr
+            pass
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _become_independent(parent_pid: int, close_fds: Iterable[int], sigmask: Iterable[int] | None) -> None:

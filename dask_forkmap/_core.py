@@ -73,6 +73,7 @@ R = TypeVar("R")
 HAS_FORK = hasattr(os, "fork")
 _HAS_PIDFD = hasattr(os, "pidfd_open")
 _HAS_MEMFD = hasattr(os, "memfd_create")
+_MFD_ALLOW_SEALING = getattr(os, "MFD_ALLOW_SEALING", 0)  # the child seals the file (see _transport)
 # Without pidfds (macOS, Linux < 5.3) a child's death is noticed by polling at this interval.
 _EXIT_POLL_S = 0.01
 # The main thread waits in slices of this length. CPython runs a Python signal handler (Ctrl-C's
@@ -225,7 +226,7 @@ def spawn(job: Job, sigmask: Iterable[int] | None = None) -> Child:
         shm_fd = -1
         try:
             if _HAS_MEMFD:
-                shm_fd = os.memfd_create("dask-forkmap-result", os.MFD_CLOEXEC)
+                shm_fd = os.memfd_create("dask-forkmap-result", os.MFD_CLOEXEC | _MFD_ALLOW_SEALING)
             close_in_child = tuple(_parent_fds)
             forking = threading.current_thread()
             if sigmask is None and isinstance(forking, QuietThread):
@@ -686,6 +687,7 @@ def _after_fork_in_child() -> None:
     # does not exist here. Forget the parent's descriptors without closing them: they may be in use
     # by whoever forked, and our own children close the ones they inherit.
     global _fork_lock, _reaper
+    _child.forget_channel()  # forked by a task in one of our children: its channel is not ours
     _fork_lock = threading.Lock()
     _parent_fds.clear()
     _reaper = _Reaper()

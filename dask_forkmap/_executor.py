@@ -24,6 +24,7 @@ import itertools
 import os
 import queue
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
@@ -236,6 +237,9 @@ class ForkExecutor(Executor):
         self._lock = threading.Lock()
         self._shutdown = False
         self._inflight: weakref.WeakSet[Future[Any]] = weakref.WeakSet()
+        # An executor dropped without shutdown(): once it is collected, its slots finish the work
+        # already queued (whose futures someone may still hold), then end and close their pipes.
+        self._finalizer = weakref.finalize(self, _abandoned, self._work, self._slots, self._name)
         _live_executors.add(self)
 
     @property
@@ -352,6 +356,7 @@ class ForkExecutor(Executor):
         with self._lock:
             self._shutdown = True
             slots = list(self._slots)
+        self._finalizer.detach()
         if cancel_futures:
             for future in list(self._inflight):
                 future.cancel()
@@ -369,6 +374,17 @@ class ForkExecutor(Executor):
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         # On an error (KeyboardInterrupt included) nothing that is left should outlive the block.
         self.shutdown(wait=True, cancel_futures=exc_type is not None)
+
+
+def _abandoned(work: queue.SimpleQueue[_WorkItem | None], slots: list[_Slot], name: str) -> None:
+    work.put(None)
+    if slots:
+        warnings.warn(
+            f"a ForkExecutor ({name!r}) was collected without shutdown(); its slots end once the work "
+            "already submitted is done. Use it as a context manager, or call shutdown()",
+            ResourceWarning,
+            stacklevel=2,
+        )
 
 
 @atexit.register

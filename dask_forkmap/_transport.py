@@ -20,7 +20,10 @@ address-space teardown, can delay by seconds).
 
 Large payloads never go through the pipe: the child writes them into an anonymous memory file
 (``memfd_create``; nothing another process can open by name) and the parent maps that file
-``MAP_PRIVATE``. The parent's buffers are then ordinary writable memory with no copy made: a write
+``MAP_PRIVATE``. The child seals the file once written (no write, shrink or grow after that), so
+no other process still holding it can change a delivered result or truncate it under the parent's
+mapping, which would turn the parent's next read into SIGBUS; the parent checks the file's size
+before mapping it. The parent's buffers are then ordinary writable memory with no copy made: a write
 copies only the page it touches. Small payloads are copied once into a bytearray, which is writable
 too. Segments are 64-byte aligned in both cases, so numpy arrays come back aligned.
 
@@ -30,6 +33,7 @@ Python stack into the same pipe, and the parent reports it as the crash site.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import pickle
@@ -37,6 +41,11 @@ import struct
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows, where nothing forks
+    fcntl = None  # type: ignore[assignment]
 
 import cloudpickle
 
@@ -120,6 +129,7 @@ def encode(
         os.ftruncate(shm_fd, size)
         for off, seg in zip(offsets, segments, strict=True):
             _pwrite_all(shm_fd, seg, off)
+        _seal(shm_fd)
         return [HEADER.pack(MAGIC, kind, WHERE_SHM, len(name), len(segments), size), table, name]
 
     header = HEADER.pack(MAGIC, kind, WHERE_PIPE, len(name), len(segments), size)
@@ -132,6 +142,18 @@ def encode(
         parts.append(seg)
         pos = off + seg.nbytes
     return parts
+
+
+# F_SEAL_WRITE still lets the parent map the file MAP_PRIVATE and write to its private copy.
+_SEALS = sum(getattr(fcntl, name, 0) for name in ("F_SEAL_SEAL", "F_SEAL_SHRINK", "F_SEAL_GROW", "F_SEAL_WRITE"))
+
+
+def _seal(fd: int) -> None:
+    if fcntl is not None and hasattr(fcntl, "F_ADD_SEALS"):
+        try:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+        except OSError:  # pragma: no cover - a file system without seals: the size check still holds
+            pass
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -226,6 +248,9 @@ class FrameReader:
         table = HEADER.size
         segs = [SEGMENT.unpack_from(self._buf, table + i * SEGMENT.size) for i in range(nsegs)]
         if where == WHERE_SHM:
+            held = os.fstat(shm_fd).st_size
+            if held < size:  # mapping it would raise SIGBUS at the first read past the end
+                raise OSError(errno.EIO, f"the result's memory file holds {held} of its {size} bytes: it was truncated")
             data = _map_private(shm_fd, size)
         else:
             data = memoryview(self._buf)[_data_start(nsegs, name_len) :]

@@ -12,14 +12,15 @@ import threading
 import time
 from concurrent.futures import CancelledError, wait
 from pathlib import Path
+from typing import Any
 
 import dask
 import dask.array as da
 import numpy as np
 import pytest
-from procs import wait_gone
+from procs import open_fds, wait_gone
 
-from dask_forkmap import ChildCrashed, ExecutorShutdown, ForkExecutor, TaskTimeoutError, fork_map, with_limits
+from dask_forkmap import ChildCrashed, ExecutorShutdown, ForkExecutor, TaskTimeoutError, _core, fork_map, with_limits
 
 
 def test_submit_and_result() -> None:
@@ -290,3 +291,60 @@ def test_fork_map_on_the_main_thread_gives_its_signal_mask_back() -> None:
     assert signal.SIGINT not in mine
     assert child_mask == mine
     assert after == mine
+
+
+def _drop_executors(futures: list[Any]) -> None:
+    import gc
+
+    for i in range(5):
+        executor = ForkExecutor(2, thread_name_prefix=f"dropped-{i}")
+        assert list(executor.map(abs, [-1, -2, -3])) == [1, 2, 3]
+        futures.append(executor.submit(sum, [1, 2]))  # still queued or running as it is dropped
+        del executor
+    gc.collect()
+
+
+def test_an_executor_dropped_without_shutdown_releases_its_threads_and_descriptors() -> None:
+    fork_map(int)  # the reaper's own pipe opens at the first fork
+    before = open_fds()
+    futures: list[Any] = []
+    with pytest.warns(ResourceWarning, match="collected without shutdown"):
+        _drop_executors(futures)
+    assert [f.result(timeout=60) for f in futures] == [3] * 5  # nothing submitted is lost
+    slots = [t for t in threading.enumerate() if t.name.startswith("dropped-")]
+    for thread in slots:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in slots)
+    _core._reaper.wait()  # the last children's pidfds close once they are reaped
+    assert open_fds() <= before
+
+
+def _own_descriptors() -> set[int]:
+    return open_fds()
+
+
+def test_a_child_holds_no_descriptor_of_the_parents_machinery() -> None:
+    # While another child runs, the parent holds that child's channels and every slot's wake pipe;
+    # none of them may reach a new child, which holds only what it inherits from the user.
+    started_r, started_w = os.pipe()
+    release_r, release_w = os.pipe()
+
+    def block() -> bytes:
+        os.write(started_w, b"s")
+        return os.read(release_r, 1)
+
+    try:
+        with ForkExecutor(2) as executor:
+            blocker = executor.submit(block)
+            assert select.select([started_r], [], [], 60)[0], "the first child did not start"
+            machinery = set(_core._parent_fds)
+            user = open_fds() - machinery
+            assert machinery, "the parent holds no channel for the running child"
+            held = executor.submit(_own_descriptors).result(timeout=60)
+            os.write(release_w, b"r")
+            assert blocker.result(timeout=60) == b"r"
+    finally:
+        for fd in (started_r, started_w, release_r, release_w):
+            os.close(fd)
+    assert not held & machinery, f"the child holds the parent's {sorted(held & machinery)}"
+    assert len(held - user) <= 2, f"besides its result pipe and memory file: {sorted(held - user)}"

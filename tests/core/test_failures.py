@@ -33,6 +33,7 @@ from dask_forkmap import (
     ChildCrashed,
     ChildTraceback,
     ExecutorShutdown,
+    ForkExecutor,
     ForkFailed,
     ForkMapError,
     ForkUnavailable,
@@ -304,3 +305,38 @@ def test_wrapper_frames_are_trimmed_from_the_outer_end_of_crash_stacks() -> None
     assert "string_at" in trimmed
     assert "parent.py" not in trimmed
     assert "Extension modules" not in trimmed
+
+
+def _fork_a_helper_that_segfaults() -> int:
+    pid = os.fork()
+    if pid == 0:
+        segfault()  # faulthandler, as the task's child had it, dumps here
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _use_a_fork_pool_whose_worker_aborts() -> str:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+        try:
+            pool.submit(os.abort).result(timeout=60)
+        except BrokenProcessPool:
+            return "handled"
+    return "not broken"
+
+
+@pytest.mark.parametrize(
+    ("task", "expected"),
+    [(_fork_a_helper_that_segfaults, -signal.SIGSEGV), (_use_a_fork_pool_whose_worker_aborts, "handled")],
+    ids=["os.fork helper segfaults", "fork ProcessPoolExecutor worker aborts"],
+)
+def test_a_tasks_own_forks_do_not_reach_its_result(task: Callable[[], Any], expected: Any) -> None:
+    # The task's own children used to inherit its result pipe with faulthandler writing into it: the
+    # helper's crash dump became the task's "report", and the parent raised ChildCrashed.
+    assert fork_map(with_limits(task, timeout=60)) == expected
+    with ForkExecutor(1) as executor:
+        assert executor.submit(task).result(timeout=60) == expected

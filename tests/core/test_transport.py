@@ -178,3 +178,72 @@ def test_frame_reader_flags_text_that_is_not_a_frame() -> None:
 def test_dumps_prefers_plain_pickle() -> None:
     stream, _ = _transport.dumps([1, 2, 3])
     assert stream == pickle.dumps([1, 2, 3], protocol=5)
+
+
+def _hostile_task(go: int, report: int, nbytes: int) -> np.ndarray:
+    """Return a big result, leaving behind a daemon that tries to change it once it is delivered."""
+    fds = [int(n) for n in os.listdir("/proc/self/fd")]
+    memfd = next(fd for fd in fds if "dask-forkmap-result" in _link(fd))
+    held = os.dup(memfd)  # a copy the at-fork hook does not know about
+    if os.fork() == 0:
+        os.setsid()  # out of the child's process group: the child's end does not kill it
+        outcome = b"nothing"
+        try:
+            os.read(go, 1)
+            try:
+                os.pwrite(held, b"\xff" * 4096, 0)
+                outcome = b"wrote"
+            except OSError:
+                try:
+                    os.ftruncate(held, 0)
+                    outcome = b"truncated"
+                except OSError:
+                    outcome = b"refused"
+        finally:
+            os.write(report, outcome)
+            os._exit(0)
+    return np.zeros(nbytes, dtype=np.uint8)
+
+
+def _link(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return ""
+
+
+def test_a_delivered_result_cannot_be_changed_by_a_process_still_holding_its_file() -> None:
+    go_r, go_w = os.pipe()
+    report_r, report_w = os.pipe()
+    try:
+        result = fork_map(_hostile_task, go_r, report_w, 8 * MiB)
+        os.write(go_w, b"x")
+        import select
+
+        assert select.select([report_r], [], [], 60)[0], "the daemon did not report"
+        assert os.read(report_r, 16) == b"refused"  # the file is sealed: no write, no truncation
+        assert not result.any()
+        assert len(result) == 8 * MiB
+    finally:
+        for fd in (go_r, go_w, report_r, report_w):
+            os.close(fd)
+
+
+def test_a_truncated_memory_file_is_an_error_not_a_crash() -> None:
+    # A file that could not be sealed (no seals where it lives) and was cut short is reported.
+    fd = os.memfd_create("unsealed", os.MFD_CLOEXEC)  # no MFD_ALLOW_SEALING: sealing fails quietly
+    try:
+        stream, buffers = _transport.dumps(np.zeros(8 * MiB, dtype=np.uint8))
+        parts = _transport.encode(0, stream, buffers, fd)
+        os.ftruncate(fd, 4096)
+        r, w = os.pipe()
+        os.write(w, b"".join(bytes(memoryview(p).cast("B")) for p in parts))
+        reader = _transport.FrameReader()
+        assert reader.read_from(r)
+        os.close(r)
+        os.close(w)
+        assert reader.done()
+        with pytest.raises(OSError, match="holds 4096 of its"):
+            reader.loads(fd)
+    finally:
+        os.close(fd)
