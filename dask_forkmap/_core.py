@@ -76,6 +76,7 @@ _HAS_MEMFD = hasattr(os, "memfd_create")
 _MFD_ALLOW_SEALING = getattr(os, "MFD_ALLOW_SEALING", 0)  # the child seals the file (see _transport)
 # Without pidfds (macOS, Linux < 5.3) a child's death is noticed by polling at this interval.
 _EXIT_POLL_S = 0.01
+_REAPER_LINGER_S = 1.0
 # The main thread waits in slices of this length. CPython runs a Python signal handler (Ctrl-C's
 # KeyboardInterrupt) only when the main thread is awake: a signal taken by another thread that does
 # not block it (any thread the program started itself), or one landing just before the main
@@ -613,7 +614,9 @@ class _Reaper:
     """A daemon thread that reaps children whose result has already been collected.
 
     Waiting for a finished child's exit is off the caller's path: the child's teardown takes
-    milliseconds to tens of milliseconds after its frame is complete.
+    milliseconds to tens of milliseconds after its frame is complete. The thread ends after
+    ``_REAPER_LINGER_S`` with nothing to reap; lingering that long keeps calls in a row from paying
+    for a thread start each.
     """
 
     def __init__(self) -> None:
@@ -655,7 +658,16 @@ class _Reaper:
                 if pidfd >= 0:
                     poller.register(pidfd, select.POLLIN)
             polling = any(pidfd < 0 for _, pidfd in items)
-            ready = {fd for fd, _ in poller.poll(int(_EXIT_POLL_S * 1000) if polling else None)}
+            timeout = int(_EXIT_POLL_S * 1000) if polling else None if items else int(_REAPER_LINGER_S * 1000)
+            ready = {fd for fd, _ in poller.poll(timeout)}
+            if not items and not ready:
+                with self._cond:
+                    if not self._pending:
+                        # Idle: end, so that no thread of ours outlives the work (a test's thread-leak
+                        # check sees none); the next child starts another.
+                        self._thread = None
+                        return
+                continue
             if self._wake_r in ready:
                 try:
                     while os.read(self._wake_r, 4096):

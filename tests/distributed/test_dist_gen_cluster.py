@@ -322,3 +322,11 @@ async def _read_pid_file_changed(path: str, old: int) -> int:
                 return int(text)
         assert time.monotonic() < deadline, f"{path} still names {old} after {t.WAIT} s"
         await asyncio.sleep(0.01)
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)], timeout=120)
+async def test_no_thread_of_ours_outlives_a_test(c, s, a):
+    # In-process workers fork from this process. gen_cluster fails the test if a thread started during
+    # it is still running 5 s after it: dask_forkmap's reaper must end once it has nothing to reap.
+    await c.register_plugin(ForkIsolation())
+    assert await c.submit(t.pid, 0, pure=False).result(timeout=t.WAIT) != os.getpid()
