@@ -567,6 +567,34 @@ def _detach_from_worker(address: str) -> None:
         distributed.client._global_clients.clear()
     if dask.config.get("scheduler", None) in ("dask.distributed", "distributed"):
         dask.config.config.pop("scheduler", None)
+    # A Lock, Queue, Semaphore, Variable, Event or actor handle passed to the task rebuilt itself in
+    # the worker, on the worker's client: its blocking calls go through distributed's sync() to a
+    # loop whose thread does not exist here, and would wait forever. Fail them at once instead. A
+    # Client the task makes itself runs its own loop thread in the child, and works.
+    import distributed.utils
+
+    real_sync = distributed.utils.sync
+
+    def sync(loop: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
+        if _loop_thread_is_gone(loop):
+            raise WorkerNotAvailable(
+                f"{getattr(func, '__qualname__', func)!r} needs the event loop of the worker at {address}, "
+                "which does not run in this forked child: distributed's Lock, Queue, Semaphore, Variable, "
+                "Event and actor handles passed to an isolated task are bound to it. Run this task in the "
+                "worker process with dask.annotate(executor='in-process'), or create the object inside the "
+                "task on a Client the task makes itself."
+            )
+        return real_sync(loop, func, *args, **kwargs)
+
+    distributed.utils.sync = sync  # type: ignore[assignment]
+    if getattr(distributed.client, "sync", None) is real_sync:
+        distributed.client.sync = sync  # type: ignore[attr-defined]
+
+
+def _loop_thread_is_gone(loop: Any) -> bool:
+    """Whether the thread that ran ``loop`` (a tornado IOLoop) before the fork is absent here."""
+    running_in = getattr(getattr(loop, "asyncio_loop", None), "_thread_id", None)  # asyncio's own record
+    return running_in is not None and running_in not in {t.ident for t in threading.enumerate()}
 
 
 def _raise_oom_score(adj: int) -> None:

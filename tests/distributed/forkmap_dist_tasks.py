@@ -128,3 +128,19 @@ def nested_dataframe_compute() -> int:
 
     pdf = pd.DataFrame({"k": np.arange(100) % 10, "v": np.arange(100.0)})
     return len(dd.from_pandas(pdf, npartitions=4).groupby("k").v.mean().compute())
+
+
+def hold_lock(lock):
+    with lock:  # no timeout: a wait nothing can end would hang the task
+        return "held"
+
+
+def put_in_queue(queue):
+    queue.put(1)
+    return "put"
+
+
+def worker_client_id(_):
+    from distributed import get_client
+
+    return get_client().id

@@ -330,3 +330,22 @@ async def test_no_thread_of_ours_outlives_a_test(c, s, a):
     # it is still running 5 s after it: dask_forkmap's reaper must end once it has nothing to reap.
     await c.register_plugin(ForkIsolation())
     assert await c.submit(t.pid, 0, pure=False).result(timeout=t.WAIT) != os.getpid()
+
+
+@gen_cluster(**NANNIES)
+async def test_coordination_objects_passed_to_an_isolated_task_fail_instead_of_hanging(c, s, a, b):
+    # They rebuild themselves in the worker, on the worker's client, whose event loop does not run in
+    # the child: their blocking calls used to wait forever there.
+    from distributed import Lock, Queue
+
+    await c.register_plugin(ForkIsolation())
+    with dask.annotate(executor="in-process"):  # the workers' own clients exist (get_client in a task)
+        await c.gather(c.map(t.worker_client_id, range(4), pure=False))
+    lock, queue = Lock("forkmap-test-lock"), await Queue("forkmap-test-queue")
+    for task, arg in ((t.hold_lock, lock), (t.put_in_queue, queue)):
+        with pytest.raises(WorkerNotAvailable, match=r"needs the event loop of the worker at .*executor='in-process'"):
+            await c.submit(task, arg, pure=False).result(timeout=t.WAIT)
+    with dask.annotate(executor="in-process"):  # the way out the message names
+        assert await c.submit(t.hold_lock, lock, pure=False).result(timeout=t.WAIT) == "held"
+        assert await c.submit(t.put_in_queue, queue, pure=False).result(timeout=t.WAIT) == "put"
+    assert await queue.get(timeout=t.WAIT) == 1
