@@ -586,7 +586,7 @@ def _detach_from_worker(address: str) -> None:
             )
         return real_sync(loop, func, *args, **kwargs)
 
-    distributed.utils.sync = sync  # type: ignore[assignment]
+    distributed.utils.sync = sync
     if getattr(distributed.client, "sync", None) is real_sync:
         distributed.client.sync = sync  # type: ignore[attr-defined]
 
