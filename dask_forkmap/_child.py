@@ -304,24 +304,31 @@ def _pickling_error(value: Any, exc: BaseException) -> ResultPicklingError:
 
 def _describe(exc: BaseException, log: list[warnings.WarningMessage]) -> tuple[Any, ...]:
     """The task's exception, pickled only if the parent will be able to unpickle it."""
-    blob: bytes | None
     text = _format(exc)
+    return (_qualname(type(exc)), _message(exc), text, _pickled(exc), _warnings(log))
+
+
+def _pickled(exc: BaseException) -> bytes | None:
+    """``exc`` pickled, if the parent will be able to unpickle it; its traceback is dropped."""
     # The traceback is not pickled, but on CPython 3.11 its mere presence makes pickling an exception
-    # raised by deep recursion fail again with RecursionError. The text above keeps it.
+    # raised by deep recursion fail again with RecursionError. Callers format it first.
     exc.__traceback__ = None
     try:
         stream, buffers = _transport.dumps(exc)
-        blob = stream if not buffers else None
-        if blob is not None:
-            # Exceptions whose __init__ takes other arguments than args pickle fine but fail here.
-            pickle.loads(blob)
+        if buffers:
+            return None
+        # Exceptions whose __init__ takes other arguments than args pickle fine but fail here.
+        pickle.loads(stream)
     except BaseException:  # the exception's own __reduce__/__init__ is the task's code
-        blob = None
+        return None
+    return stream
+
+
+def _message(exc: BaseException) -> str:
     try:
-        message = str(exc)
+        return str(exc)
     except Exception as err:  # pragma: no cover - a broken __str__
-        message = f"<str() failed: {err!r}>"
-    return (_qualname(type(exc)), message, text, blob, _warnings(log))
+        return f"<str() failed: {err!r}>"
 
 
 def portable(exc: BaseException, text: str) -> BaseException:
@@ -329,11 +336,9 @@ def portable(exc: BaseException, text: str) -> BaseException:
 
     For a layer whose child function catches the task's exception itself (``text``: its traceback).
     """
-    type_name, message, _, blob, _ = _describe(exc, [])
-    if blob is not None:
-        exc.__traceback__ = None
+    if _pickled(exc) is not None:
         return exc
-    return TaskError.standing_in_for(type_name, message, text)
+    return TaskError.standing_in_for(_qualname(type(exc)), _message(exc), text)
 
 
 def _format(exc: BaseException) -> str:
