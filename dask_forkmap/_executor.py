@@ -103,6 +103,8 @@ def _slot_loop(executor_ref: weakref.ref[ForkExecutor], work: queue.SimpleQueue[
             del item
             executor = executor_ref()
             if executor is not None:
+                if executor._leave_if_surplus(slot):
+                    return
                 executor._idle.release()
             del executor
     finally:
@@ -233,6 +235,8 @@ class ForkExecutor(Executor):
         self._name = thread_name_prefix
         self._work: queue.SimpleQueue[_WorkItem | None] = queue.SimpleQueue()
         self._slots: list[_Slot] = []
+        self._slot_numbers = itertools.count()
+        self._lent = 0  # slots lent beyond max_workers, one per running child whose task seceded
         self._idle = threading.Semaphore(0)
         self._lock = threading.Lock()
         self._shutdown = False
@@ -294,10 +298,34 @@ class ForkExecutor(Executor):
     def _add_slot_if_needed(self) -> None:
         if self._idle.acquire(blocking=False):
             return
-        if len(self._slots) < self._max_workers:
-            slot = _Slot(self, len(self._slots))
+        if len(self._slots) < self._max_workers + self._lent:
+            slot = _Slot(self, next(self._slot_numbers))
             self._slots.append(slot)
             slot.thread.start()
+
+    def _lend_slot(self) -> None:
+        """Let one more child run at once: a running task seceded and no longer counts.
+
+        For ``ForkIsolation``, whose worker hands a seceded task's slot to the next task, as it does
+        with its thread pool. ``_return_slot`` gives it back when that task's child has ended.
+        """
+        with self._lock:
+            self._lent += 1
+            if not self._work.empty():
+                self._add_slot_if_needed()
+
+    def _return_slot(self) -> None:
+        with self._lock:
+            self._lent -= 1
+
+    def _leave_if_surplus(self, slot: _Slot) -> bool:
+        # A slot between tasks ends if more slots exist than may run: the one whose seceded child
+        # has just ended does, at once, since it returned the lent slot while finishing that task.
+        with self._lock:
+            if len(self._slots) <= self._max_workers + self._lent or slot not in self._slots:
+                return False
+            self._slots.remove(slot)
+            return True
 
     def map(
         self,

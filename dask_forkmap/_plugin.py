@@ -29,6 +29,10 @@ Why it is shaped this way:
 * Tasks that need the live worker run in the worker process, as on a plain worker: those annotated
   ``forkmap=False``, and those calling a ``worker-functions`` entry (P2P shuffles and rechunks, whose
   state lives in the worker's shuffle extension). See ``_placement``.
+* What an isolated task asks of the cluster (``get_client()``, ``worker_client()``, ``secede()``,
+  Lock/Queue/... and actor handles) is served in the child by a client of the task's own; see
+  ``_cluster``. A seceding child tells the worker through the ``SECEDE_OP`` handler, and the
+  executor lends it a slot, as the worker's thread pool would.
 * The plugin keeps no per-worker state: what it replaced lives on the executor it installed. One
   instance may be shared by several in-process workers (``LocalCluster(processes=False)``).
 """
@@ -38,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import itertools
 import os
 import sys
 import threading
@@ -45,7 +50,7 @@ import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import dask
 import dask._task_spec
@@ -54,8 +59,9 @@ from distributed import Reschedule, WorkerPlugin
 from distributed.core import error_message
 from distributed.worker import _run_task, _run_task_simple
 
-from . import _child, _config, _core, _placement
+from . import _child, _cluster, _config, _core, _placement
 from ._child import Several
+from ._cluster import SECEDE_OP, TaskAccess, WorkerFacts, WorkerNotAvailable
 from ._core import Job
 from ._errors import ForkMapError, MemoryLimitExceeded
 from ._executor import ForkExecutor
@@ -72,24 +78,6 @@ _core.register_wrappers(dask._task_spec, distributed.worker, sys.modules[__name_
 
 # Tasks annotated with this executor run in the worker process even when every other task is isolated.
 IN_PROCESS = "in-process"
-
-_WORKER_API = ("get_worker", "get_client", "secede", "worker_client")
-
-
-class WorkerNotAvailable(ForkMapError, RuntimeError):
-    """An isolated task called ``get_worker``, ``get_client``, ``secede`` or ``worker_client``.
-
-    There is no live worker in a forked child: no event loop, no connections, no thread pool, only a
-    copy of the worker's memory. The message says so, names the worker, and says what to do: pass
-    the task what it needs as arguments and submit follow-up work from the client, or run the task
-    in the worker process with ``dask.annotate(executor="in-process")``.
-
-    Notes
-    -----
-    It derives from :class:`RuntimeError`, not :class:`ValueError`: ``get_client()`` treats a
-    ``ValueError`` from ``get_worker()`` as "not on a worker" and would go on to reuse the worker
-    process's client, whose connections belong to the parent.
-    """
 
 
 def _setting(key: str) -> Any:
@@ -241,6 +229,8 @@ class ForkIsolation(WorkerPlugin):
             worker.executors[IN_PROCESS] = fallback
             isolated.added_in_process = True
         worker.executors[self.executor] = isolated
+        # A child whose task secedes (worker_client(), secede()) says so through this handler.
+        worker.handlers.setdefault(SECEDE_OP, _secede_handler(weakref.ref(worker)))
 
     async def teardown(self, worker: Worker) -> None:
         """Restore the executor it replaced; kill and reap the children (their tasks are rescheduled).
@@ -283,12 +273,20 @@ def _set_done(future: asyncio.Future[None]) -> None:
 
 
 class _Running:
-    __slots__ = ("fork_future", "start", "time_delay")
+    __slots__ = ("fork_future", "key", "outer", "seceded", "start", "time_delay")
 
-    def __init__(self, fork_future: Future[Any], start: float, time_delay: float) -> None:
+    def __init__(self, outer: Future[Any], fork_future: Future[Any], key: Any, start: float, time_delay: float) -> None:
+        self.outer = outer
         self.fork_future = fork_future
+        self.key = key
         self.start = start
         self.time_delay = time_delay
+        self.seceded = False
+
+
+# Names a running task to its child, and the child's secede message back to it; unique in the process,
+# so that the one handler of a worker finds the task whichever of its isolated executors runs it.
+_tokens = itertools.count()
 
 
 class ForkIsolatedExecutor(Executor):
@@ -321,7 +319,8 @@ class ForkIsolatedExecutor(Executor):
         # Its jobs come with resolved limits (see submit): the executor's own defaults stay unset.
         self._forks = ForkExecutor(nthreads, thread_name_prefix="Dask-Fork-Isolation")
         self._lock = threading.Lock()
-        self._running: dict[Future[Any], _Running] = {}
+        self._running: dict[int, _Running] = {}
+        self._facts: WorkerFacts | None = None
         self._closed = False
         self._worker_functions = _placement.Names(_setting("worker-functions"))
 
@@ -365,37 +364,60 @@ class ForkIsolatedExecutor(Executor):
         except (TypeError, ValueError) as exc:  # a bad annotation fails its task, not the worker
             outer.set_result(_failure_msg(exc, start, time.time(), time_delay))
             return outer
+        token = next(_tokens)
         with self._lock:
-            if self._closed:
+            if self._closed or worker is None:
                 # A task that slipped in between teardown and the worker seeing the old executor again.
                 outer.set_result(_reschedule_msg(start, time_delay))
                 return outer
+            if self._facts is None:  # the worker is running when it runs tasks: its address is known now
+                self._facts = WorkerFacts(worker)
+            access = TaskAccess(self._facts, key, token)
             inner = self._forks.submit_job(
                 Job(
                     _run_in_child,
-                    (run_spec, data, time_delay, self._where(), self._oom_score_adj, limits.memory_limit),
+                    (run_spec, data, time_delay, access, self._oom_score_adj, limits.memory_limit),
                     None,
                     limits,
                     f"task {key!r}" if key is not None else None,
                 )
             )
-            self._running[outer] = _Running(inner, start, time_delay)
+            self._running[token] = _Running(outer, inner, key, start, time_delay)
         # The worker cancels the asyncio side of `outer` when it closes; that reaches the child here.
         outer.add_done_callback(lambda f: inner.cancel() if f.cancelled() else None)
-        inner.add_done_callback(lambda f: self._finish(outer, f))
+        inner.add_done_callback(lambda f: self._finish(token, f))
         return outer
 
-    def _where(self) -> str:
-        worker = self._worker()
-        try:
-            return str(worker.address) if worker is not None else "(gone)"
-        except ValueError:  # not listening yet
-            return "(starting)"
+    def secede(self, token: int, compute_duration: float, stimulus_id: str) -> bool:
+        """A running task's child asked to secede: lend it a slot, as the worker's thread pool would.
 
-    def _finish(self, outer: Future[Any], inner: Future[Any]) -> None:
+        On the worker's event loop, from the child's message. Returns whether ``token`` is one of
+        this executor's running tasks (the worker's own bookkeeping is then told too).
+        """
         with self._lock:
-            running = self._running.pop(outer, None)
-        if running is None or inner.cancelled() or not outer.set_running_or_notify_cancel():
+            running = self._running.get(token)
+            if running is None or running.seceded:
+                return running is not None
+            running.seceded = True
+            self._forks._lend_slot()
+        worker = self._worker()
+        if worker is not None:
+            from distributed.worker_state_machine import SecedeEvent
+
+            worker.handle_stimulus(
+                SecedeEvent(key=running.key, compute_duration=compute_duration, stimulus_id=stimulus_id)
+            )
+        return True
+
+    def _finish(self, token: int, inner: Future[Any]) -> None:
+        with self._lock:
+            running = self._running.pop(token, None)
+            if running is not None and running.seceded:
+                self._forks._return_slot()
+        if running is None or inner.cancelled():
+            return
+        outer = running.outer
+        if not outer.set_running_or_notify_cancel():
             return
         try:
             exc = inner.exception()
@@ -417,14 +439,28 @@ class ForkIsolatedExecutor(Executor):
         """
         with self._lock:
             self._closed = True
-            running = list(self._running.items())
+            running = list(self._running.values())
             self._running.clear()
         now = time.time()
-        for outer, r in running:
-            if outer.set_running_or_notify_cancel():
-                outer.set_result(_reschedule_msg(now, r.time_delay))
+        for r in running:
+            if r.outer.set_running_or_notify_cancel():
+                r.outer.set_result(_reschedule_msg(now, r.time_delay))
             r.fork_future.cancel()
         self._forks.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
+def _secede_handler(worker_ref: weakref.ref[Worker]) -> Callable[..., bool]:
+    def dask_forkmap_secede(token: int, compute_duration: float, stimulus_id: str) -> bool:
+        worker = worker_ref()
+        if worker is None:
+            return False
+        return any(
+            executor.secede(token, compute_duration, stimulus_id)
+            for executor in list(worker.executors.values())
+            if isinstance(executor, ForkIsolatedExecutor)
+        )
+
+    return dask_forkmap_secede
 
 
 def _annotation(worker: Worker | None, key: Any) -> Any:
@@ -458,14 +494,18 @@ def _run_in_child(
     run_spec: Any,
     data: dict[Any, Any],
     time_delay: float,
-    address: str,
+    access: TaskAccess,
     oom_score_adj: int | None,
     memory_limit: int | None,
 ) -> Several:
-    _detach_from_worker(address)
+    _cluster.attach(access)
     if oom_score_adj is not None:
         _raise_oom_score(oom_score_adj)
-    msg: dict[str, Any] = dict(_run_task_simple(run_spec, data, time_delay))
+    try:
+        msg: dict[str, Any] = dict(_run_task_simple(run_spec, data, time_delay))
+    finally:
+        # Before the result leaves: what the task submitted is released in order, not on a dropped comm.
+        _cluster.detach()
     task = f"task {getattr(run_spec, 'key', '?')!r}"  # as the worker-side errors name it
     if msg["op"] == "task-erred":
         exc = msg["actual_exception"]
@@ -516,85 +556,6 @@ def _portable_exception(msg: Any) -> BaseException:
     if isinstance(restored, BaseException):
         return restored
     return Exception(msg.get("exception_text", "the task failed"))
-
-
-class _NoWorker:
-    """Stands in for distributed's ``_worker_cvar`` in a child, where there is no live worker."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-
-    def get(self, *default: Any) -> NoReturn:
-        called = "get_worker"
-        frame = sys._getframe(1)
-        while frame is not None:
-            module = str(frame.f_globals.get("__name__", ""))
-            if frame.f_code.co_name in _WORKER_API and module.startswith("distributed"):
-                called = frame.f_code.co_name
-            elif frame.f_code.co_name == "get_scheduler" and module == "dask.base":
-                # A .compute() in the task, looking for a cluster to run on: "no worker here" in the
-                # words dask.base understands (a ValueError), so that it computes locally, in this
-                # child, as it does in any process without a client.
-                raise ValueError(f"no worker in this forked child of the worker at {self.address}")
-            frame = frame.f_back  # type: ignore[assignment]
-        raise WorkerNotAvailable(
-            f"{called}() cannot work in this task: ForkIsolation runs it in a forked child of the worker at "
-            f"{self.address}, a copy of the worker's memory without its event loop, threads or connections, "
-            "so get_worker(), get_client(), secede() and worker_client() are unavailable here. Pass the task "
-            "what it needs as arguments and submit follow-up work from the client, or run this task in the "
-            "worker process with dask.annotate(executor='in-process')."
-        )
-
-    def set(self, value: Any) -> NoReturn:
-        self.get()
-
-    def reset(self, token: Any) -> None:
-        pass
-
-
-def _detach_from_worker(address: str) -> None:
-    # get_worker(), and through it get_client(), secede() and worker_client(), look up this module
-    # global on every call; replacing it here (only in the child) makes them all fail at once with a
-    # message instead of reaching for the parent's event loop and sockets, which no thread serves here.
-    import distributed.client
-    import distributed.worker
-
-    distributed.worker._worker_cvar = _NoWorker(address)  # type: ignore[assignment]
-    # The worker's own client (made by an earlier get_client() in the worker) is a copy here, bound
-    # to a loop nothing runs: forget it, and the configuration it set as the default client
-    # (scheduler: dask.distributed), so that nothing in the task waits on it forever.
-    if distributed.client._global_clients:
-        distributed.client._global_clients.clear()
-    if dask.config.get("scheduler", None) in ("dask.distributed", "distributed"):
-        dask.config.config.pop("scheduler", None)
-    # A Lock, Queue, Semaphore, Variable, Event or actor handle passed to the task rebuilt itself in
-    # the worker, on the worker's client: its blocking calls go through distributed's sync() to a
-    # loop whose thread does not exist here, and would wait forever. Fail them at once instead. A
-    # Client the task makes itself runs its own loop thread in the child, and works.
-    import distributed.utils
-
-    real_sync = distributed.utils.sync
-
-    def sync(loop: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
-        if _loop_thread_is_gone(loop):
-            raise WorkerNotAvailable(
-                f"{getattr(func, '__qualname__', func)!r} needs the event loop of the worker at {address}, "
-                "which does not run in this forked child: distributed's Lock, Queue, Semaphore, Variable, "
-                "Event and actor handles passed to an isolated task are bound to it. Run this task in the "
-                "worker process with dask.annotate(executor='in-process'), or create the object inside the "
-                "task on a Client the task makes itself."
-            )
-        return real_sync(loop, func, *args, **kwargs)
-
-    distributed.utils.sync = sync
-    if getattr(distributed.client, "sync", None) is real_sync:
-        distributed.client.sync = sync  # type: ignore[attr-defined]
-
-
-def _loop_thread_is_gone(loop: Any) -> bool:
-    """Whether the thread that ran ``loop`` (a tornado IOLoop) before the fork is absent here."""
-    running_in = getattr(getattr(loop, "asyncio_loop", None), "_thread_id", None)  # asyncio's own record
-    return running_in is not None and running_in not in {t.ident for t in threading.enumerate()}
 
 
 def _raise_oom_score(adj: int) -> None:

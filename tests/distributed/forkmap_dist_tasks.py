@@ -144,3 +144,83 @@ def worker_client_id(_):
     from distributed import get_client
 
     return get_client().id
+
+
+def fib(n: int) -> tuple[int, int]:
+    # Each level waits on two tasks of its own: on one single-thread worker that finishes only if
+    # worker_client() secedes, handing the task's slot to the tasks it waits for.
+    from distributed import worker_client
+
+    if n < 2:
+        return n, os.getpid()
+    with worker_client() as client:
+        a, b = client.gather([client.submit(fib, n - 1, pure=False), client.submit(fib, n - 2, pure=False)])
+    return a[0] + b[0], os.getpid()
+
+
+def submit_with_get_client(x: int) -> tuple[int, str, int]:
+    from distributed import get_client, rejoin, secede
+
+    client = get_client()
+    future = client.submit(inc, x, pure=False)
+    secede()
+    result = future.result(timeout=WAIT)
+    rejoin()
+    return result, client.id, os.getpid()
+
+
+def use_passed_objects(lock, semaphore, queue, variable, event, multi_lock) -> list[Any]:
+    with lock, semaphore, multi_lock:
+        queue.put("from the task", timeout=WAIT)
+        variable.set("set by the task", timeout=WAIT)
+        event.set()
+        return [lock.locked(), os.getpid()]
+
+
+def call_actor(counter) -> tuple[int, int]:
+    return counter.increment().result(timeout=WAIT), os.getpid()
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def increment(self) -> int:
+        self.n += 1
+        return self.n
+
+
+def make_and_use_a_lock(name: str) -> bool:
+    from distributed import Lock
+
+    lock = Lock(name)
+    if not lock.acquire(timeout=WAIT):
+        return False
+    lock.release()
+    return True
+
+
+_STASHED_CLIENTS: list[Any] = []
+
+
+def stash_worker_client(_: Any = None) -> str:
+    # Run in the worker process: keeps the worker's own client in a module global, as a library might.
+    from distributed import get_client
+
+    _STASHED_CLIENTS.append(get_client())
+    return _STASHED_CLIENTS[-1].id
+
+
+def use_stashed_client(x: int) -> Any:
+    return _STASHED_CLIENTS[-1].submit(inc, x, pure=False).result(timeout=WAIT)
+
+
+def get_worker_address(_: Any = None) -> str:
+    from distributed import get_worker
+
+    return get_worker().address
+
+
+def lent_and_slots(dask_worker: Any) -> tuple[int, int]:
+    forks = dask_worker.executors["default"]._forks
+    return forks._lent, len(forks._slots)

@@ -16,7 +16,7 @@ from distributed.utils_test import gen_cluster
 from procs import wait_gone
 
 from dask_forkmap import ChildCrashed, MemoryLimitExceeded, TaskTimeoutError, with_limits
-from dask_forkmap._plugin import ForkIsolation, WorkerNotAvailable
+from dask_forkmap._plugin import ForkIsolation
 
 NANNIES = {"client": True, "Worker": Nanny, "nthreads": [("127.0.0.1", 2)] * 2, "timeout": 120}
 
@@ -137,26 +137,6 @@ async def test_children_offer_themselves_to_the_oom_killer_first(c, s, a, b):
     children = await c.gather(c.map(t.oom_score_adj, range(4), pure=False))
     assert set(children) == {1000}
     assert 1000 not in workers.values()
-
-
-@gen_cluster(**NANNIES)
-async def test_worker_api_in_child_fails_clearly(c, s, a, b):
-    from distributed import get_client, get_worker, secede, worker_client
-
-    def use_worker_client():
-        with worker_client():
-            pass
-
-    await c.register_plugin(ForkIsolation())
-    for fn, name in ((get_worker, "get_worker"), (get_client, "get_client"), (secede, "secede")):
-        with pytest.raises(WorkerNotAvailable, match=rf"^{name}\(\) cannot work in this task: ForkIsolation"):
-            await c.submit(fn, pure=False).result(timeout=t.WAIT)
-    with pytest.raises(WorkerNotAvailable, match=r"^worker_client\(\) .*executor='in-process'"):
-        await c.submit(use_worker_client, pure=False).result(timeout=t.WAIT)
-    # The escape hatch: the same call in the worker process works.
-    with dask.annotate(executor="in-process"):
-        address = await c.submit(lambda: get_worker().address, pure=False).result(timeout=t.WAIT)
-    assert address in s.workers
 
 
 @gen_cluster(**NANNIES)
@@ -330,22 +310,3 @@ async def test_no_thread_of_ours_outlives_a_test(c, s, a):
     # it is still running 5 s after it: dask_forkmap's reaper must end once it has nothing to reap.
     await c.register_plugin(ForkIsolation())
     assert await c.submit(t.pid, 0, pure=False).result(timeout=t.WAIT) != os.getpid()
-
-
-@gen_cluster(**NANNIES)
-async def test_coordination_objects_passed_to_an_isolated_task_fail_instead_of_hanging(c, s, a, b):
-    # They rebuild themselves in the worker, on the worker's client, whose event loop does not run in
-    # the child: their blocking calls used to wait forever there.
-    from distributed import Lock, Queue
-
-    await c.register_plugin(ForkIsolation())
-    with dask.annotate(executor="in-process"):  # the workers' own clients exist (get_client in a task)
-        await c.gather(c.map(t.worker_client_id, range(4), pure=False))
-    lock, queue = Lock("forkmap-test-lock"), await Queue("forkmap-test-queue")
-    for task, arg in ((t.hold_lock, lock), (t.put_in_queue, queue)):
-        with pytest.raises(WorkerNotAvailable, match=r"needs the event loop of the worker at .*executor='in-process'"):
-            await c.submit(task, arg, pure=False).result(timeout=t.WAIT)
-    with dask.annotate(executor="in-process"):  # the way out the message names
-        assert await c.submit(t.hold_lock, lock, pure=False).result(timeout=t.WAIT) == "held"
-        assert await c.submit(t.put_in_queue, queue, pure=False).result(timeout=t.WAIT) == "put"
-    assert await queue.get(timeout=t.WAIT) == 1
