@@ -54,14 +54,18 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
-# ForkIsolation needs distributed: it is imported only when asked for, so the rest works without it.
+# ForkIsolation and its companions need distributed: imported only when asked for, the rest works without it.
 if TYPE_CHECKING:
     from ._plugin import ForkIsolation as ForkIsolation
+    from ._plugin import WorkerInfo as WorkerInfo
     from ._plugin import WorkerNotAvailable as WorkerNotAvailable
+    from ._plugin import worker_info as worker_info
+
+_NEED_DISTRIBUTED = ("ForkIsolation", "WorkerInfo", "WorkerNotAvailable", "worker_info")
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("ForkIsolation", "WorkerNotAvailable"):
+    if name in _NEED_DISTRIBUTED:
         from . import _plugin
 
         return getattr(_plugin, name)

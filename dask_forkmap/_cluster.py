@@ -36,6 +36,7 @@ Why:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
 import threading
 import time
@@ -55,7 +56,16 @@ if TYPE_CHECKING:
 
     from distributed import Client
 
-__all__ = ["SECEDE_OP", "TaskAccess", "WorkerFacts", "WorkerNotAvailable", "attach", "detach"]
+__all__ = [
+    "SECEDE_OP",
+    "TaskAccess",
+    "WorkerFacts",
+    "WorkerInfo",
+    "WorkerNotAvailable",
+    "attach",
+    "detach",
+    "worker_info",
+]
 
 # The worker handler (installed by ForkIsolation.setup) a child calls when its task secedes.
 SECEDE_OP = "dask_forkmap_secede"
@@ -87,18 +97,80 @@ class WorkerNotAvailable(ForkMapError, RuntimeError):
     """
 
 
+@dataclasses.dataclass(frozen=True)
+class WorkerInfo:
+    """What a task may know of the worker that runs it, whether it is isolated or not.
+
+    Attributes
+    ----------
+    address : str
+        The worker's address, as ``Client.submit(..., workers=[address])`` takes it.
+    name : str or int
+        The worker's name.
+    nthreads : int
+        Tasks the worker runs at once.
+    resources : dict of str to float
+        The worker's resources (``--resources``), in total, not what is free now.
+    scheduler_address : str
+        Where the worker's scheduler listens.
+    """
+
+    address: str
+    name: Any
+    nthreads: int
+    resources: dict[str, float]
+    scheduler_address: str
+
+
 class WorkerFacts:
     """What a child may know of its worker, gathered once per worker, in the worker."""
 
-    __slots__ = ("address", "name", "nthreads", "resources", "scheduler_address", "security")
+    __slots__ = ("address", "info", "scheduler_address", "security")
 
     def __init__(self, worker: Any) -> None:
-        self.address = str(worker.address)
-        self.name = worker.name
-        self.nthreads = worker.state.nthreads
-        self.resources = dict(worker.state.total_resources)
-        self.scheduler_address = worker.scheduler.address
+        self.info = WorkerInfo(
+            address=str(worker.address),
+            name=worker.name,
+            nthreads=worker.state.nthreads,
+            resources=dict(worker.state.total_resources),
+            scheduler_address=worker.scheduler.address,
+        )
+        self.address = self.info.address
+        self.scheduler_address = self.info.scheduler_address
         self.security = worker.security
+
+
+def worker_info() -> WorkerInfo:
+    """The worker running the current task: its address, name, threads, resources and scheduler.
+
+    The supported way for a task isolated by :class:`~dask_forkmap.ForkIsolation` to learn what
+    ``get_worker()`` would have told it of the worker (which fails there: the worker's state is not in
+    the child). It works the same in a task that runs in the worker process.
+
+    Returns
+    -------
+    WorkerInfo
+
+    Raises
+    ------
+    ValueError
+        Not called from a task running on a ``distributed`` worker.
+
+    Examples
+    --------
+    >>> from dask_forkmap import worker_info
+    >>> def where():
+    ...     return worker_info().address
+    >>> client.submit(where).result()  # doctest: +SKIP
+    'tcp://127.0.0.1:40155'
+    """
+    if _stand_in is not None:
+        return _stand_in.facts.info
+    try:
+        worker = distributed.worker.get_worker()
+    except ValueError:
+        raise ValueError("worker_info() tells a task about the worker running it; call it inside a task") from None
+    return WorkerFacts(worker).info
 
 
 class TaskAccess:
@@ -131,7 +203,7 @@ class _TaskWorker:
         self.key = access.key
         self.token = access.token
         self.address = access.facts.address
-        self.name = access.facts.name
+        self.name = access.facts.info.name
         self.scheduler = _Scheduler(self)
         self._client: Client | None = None
         self._sending: set[asyncio.Future[None]] = set()
@@ -257,9 +329,10 @@ class _NoWorker:
             f"get_worker() cannot work in this task: ForkIsolation runs it in a forked child of the worker at "
             f"{self.stand_in.address}, a copy of the worker's memory without its event loop, data or thread "
             "pool. get_client(), worker_client(), secede() and distributed's Lock, Queue, Variable, Event, "
-            "Semaphore and actors work here, through a client of the task's own. Pass the task what it needs "
-            "of the worker as arguments, or run this task in the worker process with "
-            "dask.annotate(executor='in-process')."
+            "Semaphore and actors work here, through a client of the task's own, and "
+            "dask_forkmap.worker_info() gives the worker's address, name, threads and resources. Pass the "
+            "task anything else it needs of the worker as arguments, or run this task in the worker process "
+            "with dask.annotate(executor='in-process')."
         )
 
     def set(self, value: Any) -> NoReturn:

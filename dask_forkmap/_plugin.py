@@ -61,7 +61,7 @@ from distributed.worker import _run_task, _run_task_simple
 
 from . import _child, _cluster, _config, _core, _placement
 from ._child import Several
-from ._cluster import SECEDE_OP, TaskAccess, WorkerFacts, WorkerNotAvailable
+from ._cluster import SECEDE_OP, TaskAccess, WorkerFacts, WorkerInfo, WorkerNotAvailable, worker_info
 from ._core import Job
 from ._errors import ForkMapError, MemoryLimitExceeded
 from ._executor import ForkExecutor
@@ -70,7 +70,7 @@ from ._limits import ANNOTATION, Limits, resolve
 if TYPE_CHECKING:
     from distributed import Worker
 
-__all__ = ["ForkIsolatedExecutor", "ForkIsolation", "WorkerNotAvailable"]
+__all__ = ["ForkIsolatedExecutor", "ForkIsolation", "WorkerInfo", "WorkerNotAvailable", "worker_info"]
 
 # The worker's way into a task (Task.__call__, _run_task_simple, _run_in_child) says nothing about
 # a crash: crash stacks end at the task's own frame.

@@ -224,3 +224,9 @@ def get_worker_address(_: Any = None) -> str:
 def lent_and_slots(dask_worker: Any) -> tuple[int, int]:
     forks = dask_worker.executors["default"]._forks
     return forks._lent, len(forks._slots)
+
+
+def info_of_my_worker(_: Any = None) -> tuple[Any, int]:
+    from dask_forkmap import worker_info
+
+    return worker_info(), os.getpid()

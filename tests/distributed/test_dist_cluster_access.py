@@ -10,7 +10,7 @@ import pytest
 from distributed import Event, Lock, MultiLock, Nanny, Queue, Semaphore, Variable
 from distributed.utils_test import gen_cluster
 
-from dask_forkmap import WorkerNotAvailable
+from dask_forkmap import WorkerInfo, WorkerNotAvailable, worker_info
 from dask_forkmap._plugin import ForkIsolation
 
 NANNIES = {"client": True, "Worker": Nanny, "timeout": 120}
@@ -51,6 +51,23 @@ async def test_get_worker_still_fails_clearly_and_in_process_tasks_keep_it(c, s,
         await c.submit(t.get_worker_address, pure=False).result(timeout=t.WAIT)
     with dask.annotate(executor="in-process"):
         assert await c.submit(t.get_worker_address, pure=False).result(timeout=t.WAIT) == a.worker_address
+
+
+@gen_cluster(**NANNIES, nthreads=[("127.0.0.1", 2)], worker_kwargs={"resources": {"GPU": 1}})
+async def test_worker_info_tells_an_isolated_task_what_get_worker_would(c, s, a):
+    await c.register_plugin(ForkIsolation())
+    (worker_pid,) = (await c.run(os.getpid)).values()
+    expected = WorkerInfo(
+        address=a.worker_address, name=0, nthreads=2, resources={"GPU": 1}, scheduler_address=s.address
+    )
+    info, pid = await c.submit(t.info_of_my_worker, pure=False).result(timeout=t.WAIT)
+    assert pid != worker_pid
+    assert info == expected
+    with dask.annotate(executor="in-process"):
+        info, pid = await c.submit(t.info_of_my_worker, pure=False).result(timeout=t.WAIT)
+    assert (info, pid) == (expected, worker_pid)
+    with pytest.raises(ValueError, match=r"call it inside a task"):
+        worker_info()
 
 
 @gen_cluster(**NANNIES, nthreads=[("127.0.0.1", 2)])

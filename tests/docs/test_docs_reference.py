@@ -15,7 +15,7 @@ DOCS = ROOT / "docs"
 YAML_FILE = ROOT / "dask_forkmap" / "forkmap.yaml"
 
 # Names importable from dask_forkmap besides __all__ (they need distributed, so are imported lazily).
-LAZY_NAMES = ("ForkIsolation", "WorkerNotAvailable")
+LAZY_NAMES = ("ForkIsolation", "WorkerInfo", "WorkerNotAvailable", "worker_info")
 
 
 def _flatten(node: dict, prefix: str) -> dict[str, object]:

@@ -8,7 +8,7 @@ import pytest
 
 import dask_forkmap
 
-PUBLIC = [*dask_forkmap.__all__, "ForkIsolation", "WorkerNotAvailable"]
+PUBLIC = [*dask_forkmap.__all__, "ForkIsolation", "WorkerInfo", "WorkerNotAvailable", "worker_info"]
 
 
 def _doctests() -> list[doctest.DocTest]:
