@@ -67,6 +67,10 @@ __all__ = [
     "worker_info",
 ]
 
+# How long a child waits to close its task's client in order; past it, the connection just dies with
+# the child (the scheduler then drops the client on its own), instead of holding the task's result.
+_CLOSE_TIMEOUT = 10.0
+
 # The worker handler (installed by ForkIsolation.setup) a child calls when its task secedes.
 SECEDE_OP = "dask_forkmap_secede"
 
@@ -274,7 +278,7 @@ class _TaskWorker:
         self._client = None
         if client is not None:
             try:
-                client.close()
+                client.close(timeout=_CLOSE_TIMEOUT)
             except Exception:  # the scheduler went away: the connection dies with the child anyway
                 pass
 

@@ -321,6 +321,8 @@ class ForkExecutor(Executor):
     def _leave_if_surplus(self, slot: _Slot) -> bool:
         # A slot between tasks ends if more slots exist than may run: the one whose seceded child
         # has just ended does, at once, since it returned the lent slot while finishing that task.
+        if len(self._slots) <= self._max_workers:  # no lent slot was ever used: the common case, lock-free
+            return False
         with self._lock:
             if len(self._slots) <= self._max_workers + self._lent or slot not in self._slots:
                 return False
