@@ -77,18 +77,6 @@ def park(marker: str, worker_pid: int) -> int:
     return me
 
 
-def mixed(i: int) -> int:
-    """The soak test's task: most succeed, some crash in different ways, some raise."""
-    kind = i % 10
-    if kind == 3:
-        ctypes.string_at(0)
-    if kind == 5:
-        raise ValueError(f"task {i} failed on purpose")
-    if kind == 7:
-        os._exit(7)
-    return i * 2
-
-
 def oom_score_adj(_: Any = None) -> int:
     with open("/proc/self/oom_score_adj") as f:
         return int(f.read())

@@ -1,4 +1,4 @@
-"""Thousands of isolated tasks with mixed failures: every future settles, nothing hangs or leaks."""
+"""The soak plan (tests/soak_plan.py) through ForkIsolation: every outcome exact, the workers unharmed."""
 
 from __future__ import annotations
 
@@ -6,67 +6,56 @@ import os
 
 import forkmap_dist_tasks as t
 import pytest
+from crash_cases import CASES, check
 from distributed import Client, LocalCluster, wait
+from soak_plan import plan
 
-from dask_forkmap import ChildCrashed
 from dask_forkmap._plugin import ForkIsolation
-
-N = 2000
 
 
 @pytest.mark.slow
-def test_soak_mixed_failures():
+@pytest.mark.timeout(1200)
+def test_soak_with_crash_table_faults():
+    tasks = plan()
     with (
         LocalCluster(
             n_workers=2,
             threads_per_worker=2,
             processes=True,
             host="127.0.0.1",
-            dashboard_address=":0",
+            memory_limit=0,  # no per-task default limit: the MemoryError row stays a MemoryError
+            dashboard_address=None,
             plugins={ForkIsolation()},
         ) as cluster,
         Client(cluster, timeout=t.WAIT) as client,
     ):
         workers = client.run(os.getpid)
-        futures = client.map(t.mixed, range(N), pure=False)
-        _, not_done = wait(futures, timeout=240)
+        futures = []
+        for p in tasks:
+            fn, args = p.call()
+            futures.append(client.submit(fn, *args, key=f"soak-{p.i}"))
+        _, not_done = wait(futures, timeout=900)
         assert not not_done
-        by_kind: dict[int, set[str]] = {}
-        for i, future in enumerate(futures):
-            kind = i % 10
-            if kind in (3, 5, 7):
-                assert future.status == "error", i
-                exc = future.exception(timeout=t.WAIT)
-                by_kind.setdefault(kind, set()).add(type(exc).__name__)
-                if kind == 3:
-                    assert isinstance(exc, ChildCrashed)
-                    assert exc.signal == "SIGSEGV"
-                elif kind == 7:
-                    assert isinstance(exc, ChildCrashed)
-                    assert exc.exitcode == 7
-            else:
-                assert future.status == "finished", i
-        assert by_kind == {3: {"ChildCrashed"}, 5: {"ValueError"}, 7: {"ChildCrashed"}}
-        ok = [f for i, f in enumerate(futures) if i % 10 not in (3, 5, 7)]
-        assert client.gather(ok) == [2 * i for i in range(N) if i % 10 not in (3, 5, 7)]
+        good = [(p, f) for p, f in zip(tasks, futures, strict=True) if p.case is None]
+        assert all(f.status == "finished" for _, f in good)
+        assert client.gather([f for _, f in good]) == [p.expected for p, _ in good]
+        for p, future in zip(tasks, futures, strict=True):
+            if p.case is not None:
+                assert future.status == "error", p
+                check(CASES[p.case], future.exception(timeout=t.WAIT), task=f"task 'soak-{p.i}'")
         # The workers survived all of it, and left no child behind.
         assert client.run(os.getpid) == workers
-        leftover = client.run(lambda: __import__("dask_forkmap")._core._reaper.wait(timeout=30))
-        assert all(leftover.values())
-        children = client.run(_child_count)
-        assert set(children.values()) == {0}
+        assert all(client.run(_reaped).values())
+        assert set(client.run(_child_count).values()) == {0}
+
+
+def _reaped() -> bool:
+    from dask_forkmap._core import _reaper
+
+    return _reaper.wait(timeout=30)
 
 
 def _child_count() -> int:
-    me = str(os.getpid())
-    count = 0
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            if stat[stat.rindex(b")") + 2 :].split()[1] == me.encode():
-                count += 1
-    return count
+    from procs import child_pids
+
+    return len(child_pids())
