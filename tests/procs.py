@@ -54,3 +54,20 @@ def wait_gone(pid: int, timeout: float) -> bool:
         return bool(select.select([pidfd], [], [], timeout)[0])
     finally:
         os.close(pidfd)
+
+
+def threads_left(before: set[int | None], within: float) -> set[int | None]:
+    """Threads not in ``before`` that are still alive after waiting up to ``within`` seconds for them.
+
+    dask_forkmap's reaper thread ends on its own a moment after its last child: polled, never slept on
+    blindly.
+    """
+    import threading
+    import time
+
+    deadline = time.monotonic() + within
+    while True:
+        extra = {t.ident for t in threading.enumerate()} - before
+        if not extra or time.monotonic() > deadline:
+            return extra
+        time.sleep(0.05)
