@@ -38,6 +38,7 @@ def test_soak_forkmap_get_with_crash_table_faults() -> None:
     fork_map(int)
     assert _reaper.wait(timeout=WAIT)
     fds = open_fds()
+    children = child_pids()  # earlier tests' helpers (multiprocessing's resource tracker, say) are not ours
     threads = {t.ident for t in threading.enumerate()}
     good_graphs = bad_graphs = 0
     for start in range(0, len(tasks), GRAPH):
@@ -59,6 +60,6 @@ def test_soak_forkmap_get_with_crash_table_faults() -> None:
     assert good_graphs
     assert bad_graphs
     assert _reaper.wait(timeout=WAIT)
-    assert not child_pids()
+    assert child_pids() <= children
     assert open_fds() == fds
     assert not threads_left(threads, within=10)
