@@ -95,18 +95,22 @@ class _Slot:
 def _slot_loop(executor_ref: weakref.ref[ForkExecutor], work: queue.SimpleQueue[_WorkItem | None], slot: _Slot) -> None:
     try:
         while True:
+            executor = executor_ref()
+            if executor is not None:
+                if executor._leave_if_surplus(slot):
+                    return
+                executor._waiting(+1)
+            del executor
             item = work.get()
+            executor = executor_ref()
+            if executor is not None:
+                executor._waiting(-1)
+            del executor
             if item is None:
                 work.put(None)  # let the other slots see it too
                 return
             _run(item, slot)
             del item
-            executor = executor_ref()
-            if executor is not None:
-                if executor._leave_if_surplus(slot):
-                    return
-                executor._idle.release()
-            del executor
     finally:
         slot.close()
 
@@ -237,7 +241,9 @@ class ForkExecutor(Executor):
         self._slots: list[_Slot] = []
         self._slot_numbers = itertools.count()
         self._lent = 0  # slots lent beyond max_workers, one per running child whose task seceded
-        self._idle = threading.Semaphore(0)
+        # Slots waiting for work, counted exactly (under _lock): a slot that finishes one task and
+        # takes the next already queued was never idle, and must not make submit() skip a new slot.
+        self._idle = 0
         self._lock = threading.Lock()
         self._shutdown = False
         self._inflight: weakref.WeakSet[Future[Any]] = weakref.WeakSet()
@@ -295,8 +301,13 @@ class ForkExecutor(Executor):
             self._add_slot_if_needed()
         return future
 
+    def _waiting(self, change: int) -> None:
+        with self._lock:
+            self._idle += change
+
     def _add_slot_if_needed(self) -> None:
-        if self._idle.acquire(blocking=False):
+        # Under _lock. Queued items beyond the slots waiting for them need a slot each, up to the limit.
+        if self._work.qsize() <= self._idle:
             return
         if len(self._slots) < self._max_workers + self._lent:
             slot = _Slot(self, next(self._slot_numbers))
@@ -311,8 +322,7 @@ class ForkExecutor(Executor):
         """
         with self._lock:
             self._lent += 1
-            if not self._work.empty():
-                self._add_slot_if_needed()
+            self._add_slot_if_needed()
 
     def _return_slot(self) -> None:
         with self._lock:
