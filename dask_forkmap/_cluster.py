@@ -365,6 +365,8 @@ _stand_in: _TaskWorker | None = None
 def attach(access: TaskAccess) -> None:
     """In the child, before the task runs: point distributed's helpers at the task's own client."""
     global _stand_in
+    _note_dead_loops()
+    _renew_thread_machinery()
     stand_in = _stand_in = _TaskWorker(access)
     distributed.worker._worker_cvar = _NoWorker(stand_in)  # type: ignore[assignment]
     # What the worker sets for a task on its thread pool (worker_client() secedes only when it is
@@ -384,6 +386,30 @@ def attach(access: TaskAccess) -> None:
         dask.config.config.pop("scheduler", None)
     _rebind_passed_objects()
     _guard_sync(access.facts.address)
+
+
+def _renew_thread_machinery() -> None:
+    # distributed's module-level helpers whose threads or locks belong to the worker: the one offload
+    # thread (messages over distributed.comm.offload are (de)serialized there; the child's copy of
+    # the pool still counts the worker's thread and would queue work forever), and the lock the thread
+    # pool's secede() takes, which a worker thread may have held at the fork.
+    from concurrent.futures import ThreadPoolExecutor
+
+    if hasattr(distributed.utils, "_offload_executor"):
+        distributed.utils._offload_executor = ThreadPoolExecutor(1, thread_name_prefix="Dask-Offload")
+    distributed.threadpoolexecutor.threads_lock = threading.Lock()
+
+
+def own_futures_in(value: Any) -> list[Any]:
+    """Futures of the task's own client inside ``value``; looked for only if the task made one."""
+    stand_in = _stand_in
+    client = stand_in._client if stand_in is not None else None
+    if client is None:
+        return []
+    from distributed import client as client_module
+
+    found: list[Any] = client_module.futures_of(value)  # type: ignore[no-untyped-call]
+    return [f for f in found if getattr(f, "_client", None) is client]
 
 
 def detach() -> None:
@@ -486,7 +512,21 @@ def _guard_sync(address: str) -> None:
         distributed.client.sync = sync  # type: ignore[attr-defined]
 
 
+# The event loops that were running in other threads of the worker at the fork: nothing runs them
+# here. Kept as objects, not thread idents: the child's new threads may get the idents of the
+# worker's threads back (glibc reuses their stacks).
+_dead_loops: list[Any] = []
+
+
+def _note_dead_loops() -> None:
+    from tornado.ioloop import IOLoop
+
+    me = threading.get_ident()
+    registry: dict[Any, Any] = getattr(IOLoop, "_ioloop_for_asyncio", {})
+    _dead_loops[:] = [loop for loop in list(registry.keys()) if getattr(loop, "_thread_id", None) not in (None, me)]
+
+
 def _loop_thread_is_gone(loop: Any) -> bool:
-    """Whether the thread that ran ``loop`` (a tornado IOLoop) before the fork is absent here."""
-    running_in = getattr(getattr(loop, "asyncio_loop", None), "_thread_id", None)  # asyncio's own record
-    return running_in is not None and running_in not in {t.ident for t in threading.enumerate()}
+    """Whether ``loop`` (a tornado IOLoop) ran in a thread of the worker that the fork left behind."""
+    asyncio_loop = getattr(loop, "asyncio_loop", None)
+    return asyncio_loop is not None and any(asyncio_loop is dead for dead in _dead_loops)

@@ -63,7 +63,7 @@ from . import _child, _cluster, _config, _core, _placement
 from ._child import Several
 from ._cluster import SECEDE_OP, TaskAccess, WorkerFacts, WorkerInfo, WorkerNotAvailable, worker_info
 from ._core import Job
-from ._errors import ForkMapError, MemoryLimitExceeded
+from ._errors import ForkMapError, MemoryLimitExceeded, ResultPicklingError
 from ._executor import ForkExecutor
 from ._limits import ANNOTATION, Limits, resolve
 
@@ -501,12 +501,14 @@ def _run_in_child(
     _cluster.attach(access)
     if oom_score_adj is not None:
         _raise_oom_score(oom_score_adj)
+    task = f"task {getattr(run_spec, 'key', '?')!r}"  # as the worker-side errors name it
     try:
         msg: dict[str, Any] = dict(_run_task_simple(run_spec, data, time_delay))
+        if msg["op"] == "task-finished" and (held := _cluster.own_futures_in(msg["result"])):
+            msg = _futures_returned(msg, held, task)
     finally:
         # Before the result leaves: what the task submitted is released in order, not on a dropped comm.
         _cluster.detach()
-    task = f"task {getattr(run_spec, 'key', '?')!r}"  # as the worker-side errors name it
     if msg["op"] == "task-erred":
         exc = msg["actual_exception"]
         replacement: BaseException | None = None
@@ -535,6 +537,24 @@ def _run_in_child(
     # The result travels as Several's value, not inside the message: if it cannot be pickled, the
     # error then names its type, not the message's dict.
     return Several([msg.pop("result")] if "result" in msg else [], [task], msg)
+
+
+def _futures_returned(msg: dict[str, Any], held: list[Any], task: str) -> dict[str, Any]:
+    # The task's client closes with its child, and the scheduler then forgets what only it held: the
+    # worker would store futures nobody can ever resolve. Fail the task, saying so, instead.
+    result = msg["result"]
+    exc = ResultPicklingError(
+        f"the result of {task} holds {len(held)} Future(s) of the task's own client (the first is "
+        f"{held[0].key!r}); ForkIsolation closes that client when the task ends, and the scheduler "
+        "then releases them. Return their values instead (client.gather(futures)), or run this task "
+        "in the worker process with dask.annotate(executor='in-process')",
+        type_name=f"{type(result).__module__}.{type(result).__qualname__}",
+        reason="it holds Futures of the task's own client",
+        task=task,
+    )
+    failed = {k: v for k, v in msg.items() if k not in ("result", "nbytes", "type")}
+    failed.update(error_message(exc), op="task-erred", actual_exception=exc)
+    return failed
 
 
 def _message(sent: tuple[list[Any], dict[str, Any]]) -> dict[str, Any]:

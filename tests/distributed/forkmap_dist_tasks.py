@@ -218,3 +218,21 @@ def info_of_my_worker(_: Any = None) -> tuple[Any, int]:
     from dask_forkmap import worker_info
 
     return worker_info(), os.getpid()
+
+
+def return_own_future(x: int) -> Any:
+    from distributed import get_client
+
+    return [get_client().submit(inc, x, pure=False)]
+
+
+def megabytes(n: int) -> bytes:
+    return b"x" * (n * 2**20)
+
+
+def fetch_big_through_own_client(n: int) -> int:
+    # More than distributed.comm.offload (10 MiB): the child's client (de)serializes it on distributed's
+    # offload thread, whose copy the worker left behind in the child.
+    from distributed import get_client
+
+    return len(get_client().submit(megabytes, n, pure=False).result(timeout=WAIT))

@@ -10,7 +10,7 @@ import pytest
 from distributed import Event, Lock, MultiLock, Nanny, Queue, Semaphore, Variable
 from distributed.utils_test import gen_cluster
 
-from dask_forkmap import WorkerInfo, WorkerNotAvailable, worker_info
+from dask_forkmap import ResultPicklingError, WorkerInfo, WorkerNotAvailable, worker_info
 from dask_forkmap._plugin import ForkIsolation
 
 NANNIES = {"client": True, "Worker": Nanny, "timeout": 120}
@@ -121,3 +121,48 @@ async def test_what_stays_bound_to_the_workers_loop_fails_at_once(c, s, a):
         await c.submit(t.use_stashed_client, 1, pure=False).result(timeout=t.WAIT)
     with dask.annotate(executor="in-process"):  # the way out the message names
         assert await c.submit(t.use_stashed_client, 1, pure=False).result(timeout=t.WAIT) == 2
+
+
+@gen_cluster(**NANNIES, nthreads=[("127.0.0.1", 2)])
+async def test_returning_futures_of_the_tasks_own_client_fails_clearly(c, s, a):
+    await c.register_plugin(ForkIsolation())
+    with pytest.raises(ResultPicklingError, match=r"holds 1 Future\(s\) of the task's own client") as info:
+        await c.submit(t.return_own_future, 1, key="returns-a-future").result(timeout=t.WAIT)
+    assert info.value.task == "task 'returns-a-future'"
+
+
+@gen_cluster(**NANNIES, nthreads=[("127.0.0.1", 2)])
+async def test_big_messages_through_the_tasks_client_after_the_worker_offloaded(c, s, a):
+    await c.register_plugin(ForkIsolation())
+    # The worker serializes this result on its offload thread: the pool now has a thread, in the worker.
+    assert len(await c.submit(t.megabytes, 20, pure=False).result(timeout=t.WAIT)) == 20 * 2**20
+    assert await c.submit(t.fetch_big_through_own_client, 20, pure=False).result(timeout=t.WAIT) == 20 * 2**20
+
+
+def test_objects_passed_to_tasks_of_an_in_process_worker_rebind():
+    # An in-process worker runs its loop in a thread of its own, not the main thread: its copy in the
+    # child is as dead, and the objects must rebind all the same.
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=2,
+            processes=False,
+            protocol="tcp",
+            dashboard_address=None,
+            plugins={ForkIsolation()},
+        ) as cluster,
+        Client(cluster, timeout=t.WAIT) as client,
+    ):
+        with dask.annotate(executor="in-process"):
+            client.gather(client.map(t.worker_client_id, range(2), pure=False))
+        lock, semaphore = Lock("inproc-lock"), Semaphore(max_leases=1, name="inproc-semaphore")
+        queue, variable = Queue("inproc-queue"), Variable("inproc-variable")
+        event, multi_lock = Event("inproc-event"), MultiLock(["inproc-a"])
+        locked, _ = client.submit(
+            t.use_passed_objects, lock, semaphore, queue, variable, event, multi_lock, pure=False
+        ).result(timeout=t.WAIT)
+        assert locked is True
+        assert queue.get(timeout=t.WAIT) == "from the task"
+        assert variable.get(timeout=t.WAIT) == "set by the task"
