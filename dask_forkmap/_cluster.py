@@ -64,6 +64,7 @@ __all__ = [
     "WorkerNotAvailable",
     "attach",
     "detach",
+    "own_futures_in",
     "worker_info",
 ]
 
@@ -129,7 +130,7 @@ class WorkerInfo:
 class WorkerFacts:
     """What a child may know of its worker, gathered once per worker, in the worker."""
 
-    __slots__ = ("address", "info", "scheduler_address", "security")
+    __slots__ = ("info", "security")
 
     def __init__(self, worker: Any) -> None:
         self.info = WorkerInfo(
@@ -139,8 +140,6 @@ class WorkerFacts:
             resources=dict(worker.state.total_resources),
             scheduler_address=worker.scheduler.address,
         )
-        self.address = self.info.address
-        self.scheduler_address = self.info.scheduler_address
         self.security = worker.security
 
 
@@ -193,7 +192,7 @@ class _Scheduler:
 
     def __init__(self, owner: _TaskWorker) -> None:
         self._owner = owner
-        self.address = owner.facts.scheduler_address
+        self.address = owner.facts.info.scheduler_address
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._owner.client.scheduler, name)
@@ -206,7 +205,7 @@ class _TaskWorker:
         self.facts = access.facts
         self.key = access.key
         self.token = access.token
-        self.address = access.facts.address
+        self.address = access.facts.info.address
         self.name = access.facts.info.name
         self.scheduler = _Scheduler(self)
         self._client: Client | None = None
@@ -215,9 +214,9 @@ class _TaskWorker:
     def _get_client(self, timeout: float | None = None) -> Client:
         if self._client is None:
             client_class: Any = distributed.client.Client
-            if self.facts.scheduler_address.startswith("inproc://"):
+            if self.facts.info.scheduler_address.startswith("inproc://"):
                 raise WorkerNotAvailable(
-                    f"get_client() cannot reach the scheduler at {self.facts.scheduler_address} from this "
+                    f"get_client() cannot reach the scheduler at {self.facts.info.scheduler_address} from this "
                     "task: inproc:// connects only within one process, and ForkIsolation runs the task in a "
                     "forked child of the worker. Use a network protocol (LocalCluster(protocol='tcp')), or "
                     "run this task in the worker process with dask.annotate(executor='in-process')."
@@ -225,7 +224,7 @@ class _TaskWorker:
 
             kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
             self._client = client_class(
-                self.facts.scheduler_address,
+                self.facts.info.scheduler_address,
                 security=self.facts.security,
                 name=f"forkmap-task-{self.key}",
                 set_as_default=False,
@@ -385,7 +384,7 @@ def attach(access: TaskAccess) -> None:
     if dask.config.get("scheduler", None) in ("dask.distributed", "distributed"):
         dask.config.config.pop("scheduler", None)
     _rebind_passed_objects()
-    _guard_sync(access.facts.address)
+    _guard_sync(access.facts.info.address)
 
 
 def _renew_thread_machinery() -> None:

@@ -96,15 +96,13 @@ def _slot_loop(executor_ref: weakref.ref[ForkExecutor], work: queue.SimpleQueue[
     try:
         while True:
             executor = executor_ref()
-            if executor is not None:
-                if executor._leave_if_surplus(slot):
-                    return
-                executor._waiting(+1)
+            if executor is not None and executor._leave_or_wait(slot):
+                return
             del executor
             item = work.get()
             executor = executor_ref()
             if executor is not None:
-                executor._waiting(-1)
+                executor._got_work()
             del executor
             if item is None:
                 work.put(None)  # let the other slots see it too
@@ -301,9 +299,22 @@ class ForkExecutor(Executor):
             self._add_slot_if_needed()
         return future
 
-    def _waiting(self, change: int) -> None:
+    def _leave_or_wait(self, slot: _Slot) -> bool:
+        """Between two tasks of ``slot``: end it if it is surplus (True), else count it waiting.
+
+        A slot is surplus when more slots exist than may run: the one whose seceded child has just
+        ended is, at once, since it returned the lent slot while finishing that task.
+        """
         with self._lock:
-            self._idle += change
+            if len(self._slots) > self._max_workers + self._lent and slot in self._slots:
+                self._slots.remove(slot)
+                return True
+            self._idle += 1
+            return False
+
+    def _got_work(self) -> None:
+        with self._lock:
+            self._idle -= 1
 
     def _add_slot_if_needed(self) -> None:
         # Under _lock. Queued items beyond the slots waiting for them need a slot each, up to the limit.
@@ -327,17 +338,6 @@ class ForkExecutor(Executor):
     def _return_slot(self) -> None:
         with self._lock:
             self._lent -= 1
-
-    def _leave_if_surplus(self, slot: _Slot) -> bool:
-        # A slot between tasks ends if more slots exist than may run: the one whose seceded child
-        # has just ended does, at once, since it returned the lent slot while finishing that task.
-        if len(self._slots) <= self._max_workers:  # no lent slot was ever used: the common case, lock-free
-            return False
-        with self._lock:
-            if len(self._slots) <= self._max_workers + self._lent or slot not in self._slots:
-                return False
-            self._slots.remove(slot)
-            return True
 
     def map(
         self,

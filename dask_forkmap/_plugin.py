@@ -548,7 +548,7 @@ def _futures_returned(msg: dict[str, Any], held: list[Any], task: str) -> dict[s
         f"{held[0].key!r}); ForkIsolation closes that client when the task ends, and the scheduler "
         "then releases them. Return their values instead (client.gather(futures)), or run this task "
         "in the worker process with dask.annotate(executor='in-process')",
-        type_name=f"{type(result).__module__}.{type(result).__qualname__}",
+        type_name=_child._qualname(type(result)),
         reason="it holds Futures of the task's own client",
         task=task,
     )
