@@ -8,16 +8,20 @@ nothing left behind. ``FORKMAP_SOAK_TASKS`` sets the number of tasks (10 000 by 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from crash_cases import CASES
+from crash_cases import CASES, WAIT
+from procs import child_pids, open_fds, threads_left
 
-from dask_forkmap import with_limits
+from dask_forkmap import fork_map, with_limits
+from dask_forkmap._core import _reaper
 
 TASKS = int(os.environ.get("FORKMAP_SOAK_TASKS", "10000"))
 FAULT_RATE = 0.05
@@ -61,3 +65,18 @@ def soak_task(i: int, case: str | None, delay: float) -> Any:
     if case is None:
         return 2 * i
     return CASES[case].fn()
+
+
+@contextlib.contextmanager
+def nothing_left_behind() -> Iterator[None]:
+    """Assert that the block leaves no child, descriptor or thread of this process behind."""
+    fork_map(int)  # the reaper thread and its pipe exist from the first fork on: count them before
+    assert _reaper.wait(timeout=WAIT)
+    fds = open_fds()
+    children = child_pids()  # earlier tests' helpers (multiprocessing's resource tracker, say) are not ours
+    threads = {t.ident for t in threading.enumerate()}
+    yield
+    assert _reaper.wait(timeout=WAIT)
+    assert child_pids() <= children
+    assert open_fds() == fds
+    assert not threads_left(threads, within=10)
