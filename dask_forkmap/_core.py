@@ -49,6 +49,7 @@ import sys
 import threading
 import time
 import warnings
+from _thread import RLock as _CRLock
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NoReturn, ParamSpec, TypeVar
@@ -85,7 +86,36 @@ _MAIN_POLL_S = 0.2
 # poll() takes an int of milliseconds: a long timeout (30 days is 2.6e9 ms) is waited for in slices.
 _LONGEST_POLL_MS = 3_600_000
 
-_fork_lock = threading.Lock()
+
+class SignalSafeLock(_CRLock):  # type: ignore[misc]  # typeshed calls it final; CPython 3.10-3.15 do not
+    """A re-entrant lock that a ``KeyboardInterrupt`` cannot leave held: use it with ``with``.
+
+    An exception a signal handler raises (Ctrl-C's ``KeyboardInterrupt``, in the main thread) can
+    land between a C lock's ``__enter__`` and the start of the ``with`` block: CPython 3.14 checks for
+    pending signals right after that call returns, outside the block's handler, so ``__exit__``
+    never runs and the lock stays held for good. Here ``__enter__`` is Python code whose ``try``
+    covers the acquire, so such an exception releases what it acquired. ``__exit__`` stays the C
+    release: a Python ``__exit__`` could be interrupted on entry, before releasing. If the acquire
+    itself was interrupted nothing is owned, and the release refuses with ``RuntimeError``.
+
+    Re-entrant because the scheduler's lock must be; the lock's owner is also what tells the
+    release above whether there is anything to release.
+    """
+
+    __slots__ = ()
+
+    def __enter__(self) -> bool:  # type: ignore[override]  # typeshed: __enter__ = acquire
+        try:
+            return self.acquire()
+        except BaseException:
+            try:
+                self.release()
+            except RuntimeError:
+                pass
+            raise
+
+
+_fork_lock = SignalSafeLock()
 _parent_fds: set[int] = set()
 
 # Everything but the signals the kernel raises for a faulting instruction (blocking those turns a
@@ -620,13 +650,16 @@ class _Reaper:
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        # Entered through the lock, never the Condition: Condition.__exit__ is Python code that a
+        # KeyboardInterrupt could interrupt before it releases (see SignalSafeLock).
+        self._lock = SignalSafeLock()
+        self._cond = threading.Condition(self._lock)
         self._pending: dict[int, int] = {}  # pid -> pidfd (-1: poll)
         self._thread: threading.Thread | None = None
         self._wake_r = self._wake_w = -1
 
     def add(self, pid: int, pidfd: int) -> None:
-        with self._cond:
+        with self._lock:
             self._pending[pid] = pidfd
             if self._thread is None:
                 self._wake_r, self._wake_w = open_pipe()
@@ -639,18 +672,18 @@ class _Reaper:
 
     def wait(self, *, pids: set[int] | None = None, timeout: float | None = None) -> bool:
         """Wait until ``pids`` (default: all pending) are reaped; False on timeout."""
-        with self._cond:
+        with self._lock:
             return self._cond.wait_for(
                 lambda: not (self._pending.keys() & pids if pids is not None else self._pending), timeout
             )
 
     def pending(self) -> set[int]:
-        with self._cond:
+        with self._lock:
             return set(self._pending)
 
     def _run(self) -> None:
         while True:
-            with self._cond:
+            with self._lock:
                 items = list(self._pending.items())
             poller = select.poll()
             poller.register(self._wake_r, select.POLLIN)
@@ -661,7 +694,7 @@ class _Reaper:
             timeout = int(_EXIT_POLL_S * 1000) if polling else None if items else int(_REAPER_LINGER_S * 1000)
             ready = {fd for fd, _ in poller.poll(timeout)}
             if not items and not ready:
-                with self._cond:
+                with self._lock:
                     if not self._pending:
                         # Idle: end, so that no thread of ours outlives the work (a test's thread-leak
                         # check sees none); the next child starts another.
@@ -686,7 +719,7 @@ class _Reaper:
             pass
         if pidfd >= 0:
             close_ours(pidfd)
-        with self._cond:
+        with self._lock:
             self._pending.pop(pid, None)
             self._cond.notify_all()
 
@@ -700,7 +733,7 @@ def _after_fork_in_child() -> None:
     # by whoever forked, and our own children close the ones they inherit.
     global _fork_lock, _reaper
     _child.forget_channel()  # forked by a task in one of our children: its channel is not ours
-    _fork_lock = threading.Lock()
+    _fork_lock = SignalSafeLock()
     _parent_fds.clear()
     _reaper = _Reaper()
     _forget_dask_thread_pools()

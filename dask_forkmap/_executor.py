@@ -242,7 +242,7 @@ class ForkExecutor(Executor):
         # Slots waiting for work, counted exactly (under _lock): a slot that finishes one task and
         # takes the next already queued was never idle, and must not make submit() skip a new slot.
         self._idle = 0
-        self._lock = threading.Lock()
+        self._lock = _core.SignalSafeLock()
         self._shutdown = False
         self._inflight: weakref.WeakSet[Future[Any]] = weakref.WeakSet()
         # An executor dropped without shutdown(): once it is collected, its slots finish the work

@@ -318,7 +318,7 @@ class ForkIsolatedExecutor(Executor):
         self._oom_score_adj = oom_score_adj
         # Its jobs come with resolved limits (see submit): the executor's own defaults stay unset.
         self._forks = ForkExecutor(nthreads, thread_name_prefix="Dask-Fork-Isolation")
-        self._lock = threading.Lock()
+        self._lock = _core.SignalSafeLock()
         self._running: dict[int, _Running] = {}
         self._facts: WorkerFacts | None = None
         self._closed = False

@@ -38,7 +38,6 @@ import mmap
 import os
 import struct
 import sys
-import threading
 import time
 import types
 from collections import deque
@@ -244,7 +243,7 @@ class _Run:
         self.executor = ForkExecutor(options.num_workers, thread_name_prefix="dask-forkmap-scheduler")
         # Re-entrant: a child may finish before add_done_callback, which then runs _done (and
         # _dispatch) at once, on the thread that is dispatching.
-        self.lock = threading.RLock()
+        self.lock = _core.SignalSafeLock()
         self.pending: deque[_Pending] = deque()
         self.running = 0
         self.inflight: dict[Any, _Pending] = {}  # forked tasks not yet done, for rerun and naming
