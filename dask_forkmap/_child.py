@@ -108,7 +108,7 @@ def main(
         _become_independent(parent_pid, close_fds, sigmask)
         _channel = tuple(fd for fd in (wfd, shm_fd) if fd >= 0)
         _faulthandler_was_enabled = faulthandler.is_enabled()
-        faulthandler.enable(file=wfd, all_threads=False)
+        faulthandler.enable(file=wfd, all_threads=False, **_PYTHON_STACK_ONLY)
         kind, payload = _run(fn, args, kwargs, memory_limit)
         parts = _encode(kind, payload, shm_fd)
         _flush_stdio()
@@ -126,6 +126,11 @@ def main(
     finally:
         os._exit(code)
 
+
+# Since 3.14 faulthandler also dumps the C stack by default: an unsymbolised list of addresses that
+# would bury the task's Python frames in every crash report (and walking it from a signal handler
+# is less reliable than the Python dump). The crash stack stays the Python stack.
+_PYTHON_STACK_ONLY: dict[str, bool] = {"c_stack": False} if sys.version_info >= (3, 14) else {}
 
 # This child's result pipe and memory file, while it runs a task (set in main).
 _channel: tuple[int, ...] = ()

@@ -622,11 +622,12 @@ def register_wrappers(*modules: Any) -> None:
 def _trim_crash_text(text: str) -> str:
     # faulthandler lists frames most recent first; from dask_forkmap's own child frame on, the stack
     # is our machinery and then the parent's stack at the time of the fork: neither is the task's.
-    # It ends with a long list of loaded extension modules, which is no use in an error either.
+    # It ends with a long list of loaded extension modules, which is no use in an error either, nor
+    # is a C stack (3.14+, should anything turn it back on).
     lines: list[str] = []
     skipping = False
     for line in text.strip().splitlines():
-        if line.startswith("Extension modules:"):
+        if line.startswith(("Extension modules:", "Current thread's C stack")):
             break
         if line.startswith("  File "):
             skipping = skipping or f'"{_CHILD_FILE}"' in line
