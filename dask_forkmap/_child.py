@@ -29,7 +29,7 @@ import sys
 import traceback
 import types
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn, cast
 
@@ -298,9 +298,12 @@ def _pickling_error(value: Any, exc: BaseException) -> ResultPicklingError:
                 break
     type_name = _qualname(type(value))
     whose = f"the result of {task}" if task is not None else "the task's result"
+    # An iterator the task did not consume (a user's own, or an endless itertools one, which no
+    # longer pickles since CPython 3.14) says most by what it would have produced.
+    hint = "what it yields, or what it is built from" if isinstance(value, Iterator) else "plain data"
     return ResultPicklingError(
         f"{whose} of type {type_name} cannot be pickled, so it cannot leave the child "
-        f"({type(exc).__name__}: {exc}); return something picklable, for example plain data",
+        f"({type(exc).__name__}: {exc}); return something picklable, for example {hint}",
         type_name=type_name,
         reason=f"{type(exc).__name__}: {exc}",
         task=task,
