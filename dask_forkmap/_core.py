@@ -41,6 +41,7 @@ Why it is shaped this way:
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import select
@@ -265,11 +266,20 @@ def spawn(job: Job, sigmask: Iterable[int] | None = None) -> Child:
             parent_pid = os.getpid()
             _flush_stdio()
             started = time.monotonic()
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except Warning:
+                # CPython 3.15+ raises the multi-threaded fork warning out of os.fork() when a
+                # filter makes it an error, in the parent, once the child exists. Our filter is
+                # in front of any such one, but another thread (pytest, catch_warnings) may have
+                # swapped the filter list since: the child runs all the same, so find it.
+                pid = _child_just_forked(wfd)
         except OSError as exc:
             for fd in (rfd, wfd, shm_fd):
                 if fd >= 0:
                     os.close(fd)
+            if isinstance(exc, ForkFailed):  # from _child_just_forked, which says what happened
+                raise
             raise ForkFailed(
                 exc.errno,
                 f"could not fork a child for {task or _describe_task(fn)}: {exc.strerror}. The system is out "
@@ -319,6 +329,28 @@ def spawn(job: Job, sigmask: Iterable[int] | None = None) -> Child:
             _abandon(pid, rfd, wfd, shm_fd, pidfd)
             raise
     return child
+
+
+def _child_just_forked(wfd: int) -> int:
+    """The pid of the child this thread has just forked, which holds ``wfd`` (the result pipe)."""
+    pipe = f"pipe:[{os.fstat(wfd).st_ino}]"
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/children") as f:
+            pids = [int(pid) for pid in f.read().split()]
+    except OSError:
+        pids = []
+    for pid in reversed(pids):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{wfd}") == pipe:
+                return pid
+        except OSError:
+            continue
+    raise ForkFailed(
+        errno.ESRCH,
+        "os.fork() raised its multi-threaded DeprecationWarning as an error after forking, and the "
+        "child it made could not be found (it ends when it finds its result pipe closed). Something "
+        "replaced the warning filters while dask_forkmap forked: its own filter matches only its forks",
+    )
 
 
 def _abandon(pid: int, *fds: int) -> None:

@@ -427,6 +427,60 @@ def test_forking_from_a_multithreaded_parent_does_not_warn_but_others_still_do()
         worker.join(timeout=30)
 
 
+def test_an_error_filter_on_the_fork_warning_leaves_our_forks_alone() -> None:
+    # `python -W error` and pytest's `filterwarnings = error`. Since 3.15 os.fork() raises the
+    # warning such a filter makes an error, in the parent, once the child exists; a user's own
+    # fork still gets it.
+    stop = threading.Event()
+    worker = threading.Thread(target=stop.wait)
+    worker.start()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert fork_map(lambda: 5) == 5
+            with ForkExecutor(2) as ex:
+                assert list(ex.map(abs, [-1, -2], timeout=60)) == [1, 2]
+            if sys.version_info >= (3, 15):
+                hold_r, hold_w = os.pipe()
+                try:
+                    with pytest.raises(DeprecationWarning, match="multi-threaded"):  # noqa: PT012
+                        if os.fork() == 0:  # only the child gets here: the parent raised
+                            os.close(hold_w)
+                            os.read(hold_r, 1)  # until the parent has found it
+                            os._exit(0)
+                    pid = _core._child_just_forked(hold_r)  # to reap it
+                finally:
+                    os.close(hold_r)
+                    os.close(hold_w)
+                assert os.waitpid(pid, 0) == (pid, 0)
+    finally:
+        stop.set()
+        worker.join(timeout=30)
+
+
+def test_a_fork_warning_raised_after_the_fork_loses_no_child(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Another thread may swap the warning filters between ours going in and the fork: on 3.15 the
+    # error then comes out of os.fork() with our child running. It is found, and runs as any other.
+    monkeypatch.setattr(_core, "_quiet_fork_warning", lambda: None)
+    stop = threading.Event()
+    worker = threading.Thread(target=stop.wait)
+    worker.start()
+    before = child_pids()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert fork_map(os.getppid) == os.getpid()
+            with pytest.raises(ZeroDivisionError):
+                fork_map(lambda: 1 / 0)
+            with ForkExecutor(2) as ex:
+                assert list(ex.map(abs, range(-20, 0), timeout=60)) == list(range(20, 0, -1))
+    finally:
+        stop.set()
+        worker.join(timeout=30)
+    assert _core._reaper.wait(timeout=30)
+    assert not (child_pids() - before), "a child was left behind"
+
+
 def test_subprocess_and_multiprocessing_keep_their_exit_statuses() -> None:
     import multiprocessing
 
